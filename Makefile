@@ -1,0 +1,30 @@
+# `make chat` and `make test` set everything up on a fresh machine (Python >= 3.10).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_CPU := torch==2.13.0
+# Where no NVIDIA GPU is present the CPU build of torch is installed first, so that
+# the `torch` range in pyproject.toml does not pull a multi-GB CUDA build. Point
+# TORCH_INDEX at PyTorch's CPU wheel index if your pip does not find a CPU wheel.
+TORCH_INDEX ?=
+
+.PHONY: chat test install clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
+		$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_CPU)"; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(BIN)/.installed
+
+chat: install
+	$(BIN)/rinna chat
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

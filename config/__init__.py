@@ -1,0 +1,1 @@
+"""Shipped defaults (`defaults.toml`), installed as the package ``rinna_cli.defaults``."""

@@ -1,0 +1,3 @@
+from rinna_cli.cli import main
+
+main()

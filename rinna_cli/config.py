@@ -1,0 +1,160 @@
+"""Settings: shipped defaults < user config < ``RINNA_*`` environment < flags.
+
+Every value is checked by one function, :func:`check`, whether it comes from a
+file, the environment, a flag or the chat's ``/set``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+from rinna_cli.errors import UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+APP_NAME = "rinna-cli"
+HOME_ENV = "RINNA_CLI_HOME"
+CHOICES = {
+    "device": ("auto", "cpu", "cuda", "mps"),
+    "dtype": ("auto", "float32", "bfloat16", "float16"),
+}
+# key -> (type, lowest, highest, lowest is exclusive, what the range means)
+RANGES = {
+    "temperature": (float, 0.0, 5.0, False, "0 = greedy"),
+    "top_p": (float, 0.0, 1.0, True, "1 = off"),
+    "top_k": (int, 0, 100_000, False, "0 = off"),
+    "repetition_penalty": (float, 0.0, 10.0, True, "1 = off"),
+    "max_new_tokens": (int, 1, 2048, False, "at most the model's window"),
+    "seed": (int, -1, 2**32 - 1, False, "-1 = random"),
+}
+GENERATION_KEYS = tuple(RANGES)
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    device: str
+    dtype: str
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+    max_new_tokens: int
+    seed: int
+
+    def generation(self) -> dict:
+        """The sampling options only."""
+        return {key: getattr(self, key) for key in GENERATION_KEYS}
+
+    def with_value(self, key: str, raw: object, where: str = "") -> Settings:
+        """A copy with ``key`` set to the checked ``raw`` value."""
+        return replace(self, **{key: check(key, raw, where)})
+
+
+KEYS = tuple(Settings.__dataclass_fields__)
+
+
+def _range_text(key: str) -> str:
+    kind, low, high, open_low, meaning = RANGES[key]
+    left = f"{low} < {key}" if open_low else f"{low} <= {key}"
+    return f"{left} <= {high} ({meaning})"
+
+
+def check(key: str, raw: object, where: str = "") -> object:
+    """``raw`` as a valid value of ``key``, or a :class:`UsageError` naming the key, the place and the rule.
+
+    Strings (from the environment or ``/set``) are parsed; other values must have the right type.
+    """
+    at = f"{where}: " if where else ""
+    if key not in KEYS:
+        raise UsageError(f"{at}unknown setting {key!r}; known: {', '.join(KEYS)}")
+    if key in CHOICES or key == "model":
+        if not isinstance(raw, str) or not raw.strip():
+            raise UsageError(f"{at}{key} must be a non-empty string")
+        if key in CHOICES and raw not in CHOICES[key]:
+            raise UsageError(f"{at}{key} must be one of {', '.join(CHOICES[key])} (got {raw!r})")
+        return raw
+    kind, low, high, open_low, _ = RANGES[key]
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = kind(raw.strip())
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise UsageError(f"{at}{key} must be {expected} (got {raw!r}); allowed: {_range_text(key)}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
+        expected = "an integer" if kind is int else "a number"
+        raise UsageError(f"{at}{key} must be {expected} (got {type(raw).__name__} {raw!r})")
+    value = kind(value)
+    if value != value or value > high or value < low or (open_low and value == low):
+        raise UsageError(f"{at}{key} = {raw} is out of range; allowed: {_range_text(key)}")
+    return value
+
+
+def app_dir() -> Path:
+    """Where the user config, input history and saved sessions live."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser()
+    import typer
+
+    return Path(typer.get_app_dir(APP_NAME))
+
+
+def user_config_path() -> Path:
+    return app_dir() / "config.toml"
+
+
+def _defaults() -> dict:
+    text = resources.files("rinna_cli.defaults").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def _user_config(path: Path, warn) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: cannot read the config file ({err})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"{path}: invalid TOML: {err}") from None
+    known = {}
+    for key, value in data.items():
+        if key in KEYS:
+            known[key] = check(key, value, str(path))
+        else:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            warn(f"{path}: unknown key {key!r} ignored{hint}")
+    return known
+
+
+def load(flags: dict | None = None, environ: dict | None = None, warn=None) -> Settings:
+    """Merge the layers; ``flags`` holds only the options the user gave (None = not given)."""
+    environ = os.environ if environ is None else environ
+    warn = warn or (lambda message: print(f"rinna: warning: {message}", file=sys.stderr))
+    values = {key: check(key, value, "shipped defaults") for key, value in _defaults().items()}
+    values.update(_user_config(user_config_path(), warn))
+    for key in KEYS:
+        name = f"RINNA_{key.upper()}"
+        if environ.get(name):
+            values[key] = check(key, environ[name], name)
+    for key, value in (flags or {}).items():
+        if value is not None:
+            values[key] = check(key, value, f"--{key.replace('_', '-')}")
+    return Settings(**values)
+
+
+def as_dict(settings: Settings) -> dict:
+    return asdict(settings)

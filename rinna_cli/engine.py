@@ -1,0 +1,223 @@
+"""The model: loading, generation with streaming, and a KV cache kept across turns.
+
+The only module that imports torch and transformers. The cache holds the keys
+and values of the ids last seen; a new prompt that shares a prefix with them
+(the next turn of a chat, a ``/retry`` or ``/undo``) prefills only the rest.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+from transformers.utils import logging as hf_logging
+
+from rinna_cli.errors import ModelError, UsageError
+from rinna_cli.hub import context_window, read_config
+from rinna_cli.session import Reply
+from rinna_cli.streamer import ReplyDecoder
+from rinna_cli.tokenizer import Tokenizer
+
+hf_logging.set_verbosity_error()  # rinna-cli reports problems itself, in one line
+hf_logging.disable_progress_bar()  # loading shows one spinner on a terminal's stderr instead
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OOM_HINT = "try --dtype bfloat16 or float16, or --device cpu"
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` is cuda, then mps, then cpu; an explicit device must exist."""
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
+    if name == "auto":
+        return next(d for d in ("cuda", "mps", "cpu") if available[d])
+    if not available.get(name, False):
+        raise UsageError(f"--device {name}: not available on this machine (use auto or cpu)")
+    return name
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """``auto`` is float16 on a GPU and bfloat16 on the CPU (half the memory, twice the decode speed of float32)."""
+    if name == "auto":
+        return torch.float16 if device in ("cuda", "mps") else torch.bfloat16
+    return DTYPES[name]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelError(f"{folder}: no model weights (model.safetensors or pytorch_model.bin)")
+    return files
+
+
+class _Stop(StoppingCriteria):
+    """Ends generation after the current token once ``event`` is set (Ctrl-C)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _Streamer(BaseStreamer):
+    """transformers' streamer interface over :class:`ReplyDecoder`; skips the prompt, times the tokens."""
+
+    def __init__(self, decoder: ReplyDecoder, on_text: Callable[[str], None]):
+        self.decoder = decoder
+        self.on_text = on_text
+        self.prompt_seen = False
+        self.generated = 0
+        self.first_at: float | None = None
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        if self.first_at is None:
+            self.first_at = time.perf_counter()
+        ids = value.reshape(-1).tolist()
+        self.generated += len(ids)
+        text = self.decoder.push(ids)
+        if text:
+            self.on_text(text)
+
+    def end(self):
+        text = self.decoder.finish()
+        if text:
+            self.on_text(text)
+
+
+class Engine:
+    """A loaded rinna model with its tokenizer and a conversation KV cache."""
+
+    def __init__(self, model, tokenizer: Tokenizer, name: str, window: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.window = window
+        self.device = str(model.device.type)
+        self.dtype = str(model.dtype).removeprefix("torch.")
+        self._cache: DynamicCache | None = None
+        self._cached_ids: list[int] = []
+
+    @classmethod
+    def load(cls, folder: Path, name: str, tokenizer: Tokenizer, device: str = "auto", dtype: str = "auto") -> Engine:
+        """Load the weights (safetensors preferred, pickles only with ``weights_only``); never runs model code."""
+        config = read_config(folder)
+        files = _weight_files(folder)
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, device)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                folder,
+                dtype=torch_dtype,
+                trust_remote_code=False,
+                use_safetensors=files[0].suffix == ".safetensors",
+                local_files_only=True,
+            )
+            model.to(device)
+        except (torch.OutOfMemoryError, MemoryError):
+            raise ModelError(f"{folder}: out of memory while loading the model; {OOM_HINT}") from None
+        except Exception as err:  # noqa: BLE001 - every loader failure becomes one line naming the folder
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if "out of memory" in first.lower() or "can't allocate" in first.lower():
+                raise ModelError(f"{folder}: out of memory while loading the model; {OOM_HINT}") from None
+            raise ModelError(f"{folder}: cannot load the weights ({type(err).__name__}: {first})") from None
+        model.eval()
+        return cls(model, tokenizer, name, context_window(config))
+
+    def _reuse_cache(self, prompt_ids: list[int]) -> int:
+        """Crop the cache to the prefix it shares with ``prompt_ids`` (leaving one id to feed); return its length."""
+        shared = 0
+        limit = min(len(self._cached_ids), len(prompt_ids) - 1)
+        while shared < limit and self._cached_ids[shared] == prompt_ids[shared]:
+            shared += 1
+        if self._cache is None or shared == 0:
+            self._cache, self._cached_ids = DynamicCache(), []
+            return 0
+        if shared < self._cache.get_seq_length():
+            self._cache.crop(shared - self._cache.get_seq_length())
+        self._cached_ids = self._cached_ids[:shared]
+        return shared
+
+    def _config(self, options: dict) -> GenerationConfig:
+        special = self.tokenizer.special
+        sample = options["temperature"] > 0
+        sampling = (
+            {"temperature": options["temperature"], "top_p": options["top_p"], "top_k": options["top_k"]}
+            if sample
+            else {}
+        )
+        return GenerationConfig(
+            max_new_tokens=options["max_new_tokens"],
+            do_sample=sample,
+            repetition_penalty=options["repetition_penalty"],
+            eos_token_id=special.eos,
+            pad_token_id=special.pad if special.pad is not None else special.eos,
+            bos_token_id=special.bos,
+            **sampling,
+        )
+
+    def generate(
+        self,
+        prompt_ids: list[int],
+        options: dict,
+        on_text: Callable[[str], None] = lambda _: None,
+        stop: threading.Event | None = None,
+    ) -> Reply:
+        """Generate a reply to ``prompt_ids``, passing text to ``on_text`` as it becomes printable.
+
+        ``options`` holds the sampling settings (temperature 0 = greedy; seed -1 = random).
+        Setting ``stop`` ends generation after the current token.
+        """
+        if not prompt_ids:
+            raise UsageError("empty prompt")
+        stop = stop or threading.Event()
+        cached = self._reuse_cache(prompt_ids)
+        decoder = ReplyDecoder(self.tokenizer)
+        streamer = _Streamer(decoder, on_text)
+        if options["seed"] >= 0:
+            torch.manual_seed(options["seed"])
+        else:
+            torch.seed()
+        input_ids = torch.tensor([prompt_ids], device=self.model.device)
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                output = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    generation_config=self._config(options),
+                    cache=self._cache,
+                    streamer=streamer,
+                    stopping_criteria=[_Stop(stop)],
+                )
+        except BaseException:
+            self._cache, self._cached_ids = None, []
+            raise
+        ended = time.perf_counter()
+        generated = output[0, len(prompt_ids) :].tolist()
+        self._cached_ids = (prompt_ids + generated)[: self._cache.get_seq_length()]
+        eos = self.tokenizer.special.eos
+        finish = "stop" if eos in generated else "interrupted" if stop.is_set() else "length"
+        first = streamer.first_at or ended
+        return Reply(
+            text=decoder.text,
+            ids=decoder.ids,
+            finish_reason=finish,
+            prompt_tokens=len(prompt_ids),
+            prefilled_tokens=len(prompt_ids) - cached,
+            completion_tokens=len(generated),
+            ttft_s=first - started,
+            tokens_per_s=(len(generated) - 1) / (ended - first) if len(generated) > 1 and ended > first else 0.0,
+        )
+
+    def forget(self) -> None:
+        """Drop the KV cache (the next prompt is prefilled whole)."""
+        self._cache, self._cached_ids = None, []

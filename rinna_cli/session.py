@@ -1,0 +1,111 @@
+"""A conversation: its turns as text and as the token ids the model sees.
+
+User turns are encoded once, as whole utterances (``ユーザー: ...``); a reply
+keeps the ids the model generated, so history is never re-encoded. The ids of
+a prompt are the turns' ids joined by ``<NL>`` and followed by ``<NL>システム: ``:
+for freshly typed text that is exactly ``encode(format_prompt(turns))``,
+because ``<NL>`` is a single token that sentencepiece never merges across.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rinna_cli.errors import UsageError
+from rinna_cli.prompt import SYSTEM, USER, encode_newlines, format_prompt, reply_prefix, utterance
+from rinna_cli.tokenizer import Tokenizer
+
+
+@dataclass
+class Turn:
+    speaker: str
+    text: str
+    ids: list[int]
+    time: float = field(default_factory=time.time)
+    interrupted: bool = False
+
+
+@dataclass
+class Reply:
+    """One generated reply and how it was made."""
+
+    text: str
+    ids: list[int]
+    finish_reason: str  # "stop" (</s>), "length" (max_new_tokens) or "interrupted"
+    prompt_tokens: int
+    prefilled_tokens: int  # prompt tokens not already in the KV cache
+    completion_tokens: int  # generated tokens, </s> included
+    ttft_s: float
+    tokens_per_s: float
+
+
+class Conversation:
+    """Multi-turn history with the prompt it makes for the next reply."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.turns: list[Turn] = []
+        self._prefix_ids = tokenizer.encode(reply_prefix())
+
+    def add_user(self, text: str) -> Turn:
+        turn = Turn(USER, text, self.tokenizer.encode(utterance(USER, text)))
+        self.turns.append(turn)
+        return turn
+
+    def add_reply(self, text: str, reply_ids: list[int] | None = None, interrupted: bool = False) -> Turn:
+        """Add the model's reply; ``reply_ids`` are the generated ids (encoded from text if absent)."""
+        if reply_ids is None:
+            reply_ids = self.tokenizer.encode(encode_newlines(text))
+        turn = Turn(SYSTEM, text, self._prefix_ids + list(reply_ids), interrupted=interrupted)
+        self.turns.append(turn)
+        return turn
+
+    def restore(self, speaker: str, text: str, ids: list[int] | None, interrupted: bool = False) -> Turn:
+        """Add a turn read back from disk, keeping its saved ids when they are given."""
+        if ids is None or not all(0 <= i < self.tokenizer.vocab_size for i in ids):
+            if speaker == USER:
+                return self.add_user(text)
+            return self.add_reply(text, interrupted=interrupted)
+        turn = Turn(speaker, text, list(ids), interrupted=interrupted)
+        self.turns.append(turn)
+        return turn
+
+    def undo(self) -> int:
+        """Remove the last exchange (the last reply and the message it answered); return how many turns went."""
+        count = 0
+        if self.turns and self.turns[-1].speaker == SYSTEM:
+            self.turns.pop()
+            count += 1
+        if self.turns and self.turns[-1].speaker == USER:
+            self.turns.pop()
+            count += 1
+        return count
+
+    def fit(self, max_prompt_tokens: int, start: int = 0) -> int:
+        """The first turn of the shortest history suffix, at or after ``start``, whose prompt fits.
+
+        Whole exchanges are dropped from the front; a prompt that cannot fit
+        even with the last message alone raises :class:`UsageError`.
+        """
+        while len(self.prompt_ids(start)) > max_prompt_tokens:
+            users = [i for i, t in enumerate(self.turns) if t.speaker == USER and i > start]
+            if not users:
+                size = len(self.prompt_ids(start))
+                raise UsageError(
+                    f"the message is {size} tokens with its prompt; at most {max_prompt_tokens} fit "
+                    "(the model's window minus max_new_tokens)"
+                )
+            start = users[0]
+        return start
+
+    def prompt_ids(self, start: int = 0) -> list[int]:
+        """Ids of the prompt made of ``turns[start:]``, ending with ``<NL>システム: ``."""
+        nl = self.tokenizer.special.nl
+        ids: list[int] = []
+        for turn in self.turns[start:]:
+            ids += turn.ids + [nl]
+        return ids + self._prefix_ids
+
+    def prompt_text(self, start: int = 0) -> str:
+        return format_prompt([(t.speaker, t.text) for t in self.turns[start:]])

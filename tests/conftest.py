@@ -1,0 +1,39 @@
+"""Shared pytest fixtures: tiny offline stand-ins for rinna's models.
+
+``tiny_model``: a random-weight GPT-NeoX in rinna's exact folder layout, built
+once per session (milliseconds, after the transformers import).
+``memorized_model``: the committed ``tests/fixtures/memorized`` folder, whose
+greedy replies are ``tests.fixtures.memorized_data.CONVERSATIONS``.
+Nothing here touches the network or the Hugging Face hub.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Make ``rinna_cli`` and ``tests.fixtures`` importable however pytest is started
+# (``pytest``, ``python -m pytest``, any import mode, any working directory).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MEMORIZED_DIR = ROOT / "tests" / "fixtures" / "memorized"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """Path to a freshly built random tiny GPT-NeoX folder (rinna layout)."""
+    from tests.fixtures.models import build_tiny_random
+
+    return build_tiny_random(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def memorized_model() -> Path:
+    """Path to the committed memorized model folder (read-only: copy it before changing files)."""
+    if not (MEMORIZED_DIR / "config.json").is_file():
+        pytest.fail(f"{MEMORIZED_DIR} is missing; run: python tests/fixtures/train_memorized.py")
+    return MEMORIZED_DIR
