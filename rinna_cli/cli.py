@@ -14,7 +14,6 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Optional
 
-import click
 import typer
 
 from rinna_cli import config, hub
@@ -73,7 +72,8 @@ def tokenize(
     if text in (None, "-"):
         if not _stdin_piped():
             raise UsageError("no text: pass it as an argument or on standard input")
-        text = read_stdin(1 << 24).removesuffix("\n")
+        text = read_stdin(1 << 24)
+        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
     _, tokenizer = _tokenizer(settings)
     text = encode_newlines(text)
     ids = tokenizer.encode(text)
@@ -191,10 +191,11 @@ def ask(
 
 
 def _writable(path: Path) -> bool:
+    """Whether ``path`` can be appended to (created, private to the user, if missing)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8"):
-            return True
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
+        return True
     except OSError:
         return False
 
@@ -214,6 +215,8 @@ def chat(
     load: Annotated[Optional[Path], typer.Option("--load", help="Continue a transcript saved with /save.")] = None,
 ) -> int:
     """Chat in a multi-turn conversation. Piped standard input: one user turn per line."""
+    import signal
+
     from rinna_cli import store
     from rinna_cli.repl import Chat, run_piped, run_terminal
 
@@ -235,19 +238,28 @@ def chat(
     def warn(message: str) -> None:
         errors.print(f"rinna: warning: {message}", markup=False, style="yellow")
 
+    # A resumed or loaded conversation continues in a new session file of its own (its turns
+    # copied first), so two chats never append to the same file.
     header = {"model": settings.model, "created": time.time()}
-    log = store.SessionLog(resumed, warn) if resumed else store.SessionLog.create(sessions, warn, header)
+    if resumed or load:
+        header["continues"] = str(resumed or load)
+    log = store.SessionLog.create(sessions, warn, header)
     interactive = is_tty(sys.stdin)
     view = ReplyView()
     if interactive and view.tty:
         notice = lambda text: view.console.print(text, markup=False, style="dim", highlight=False)  # noqa: E731
     else:
         notice = lambda text: errors.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    session = Chat(engine, settings, view, notice, log=None if resumed else log)
+    session = Chat(engine, settings, view, notice, log=log)
     if loaded:
         session.replace(loaded)
         notice(f"continuing {len(loaded.turns)} turns from {resumed or load}")
-    session.log = log
+    # SIGTERM ends the chat like Ctrl-D would: the terminal is restored on the way out
+    # (every completed turn is already in the session file).
+    def exit_on_sigterm(signum, frame) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     if not interactive:
         return run_piped(session, sys.stdin.buffer)
     notice(f"{settings.model} on {engine.device} ({engine.dtype}) · /help for commands · Ctrl-D to quit")
@@ -255,7 +267,7 @@ def chat(
     if not _writable(history):
         warn(f"cannot write the input history {history}; it is kept in memory only")
         history = None
-    return run_terminal(session, history)
+    return run_terminal(session, history, warn)
 
 
 def _quiet_broken_pipe() -> None:
@@ -271,9 +283,9 @@ def main() -> None:
             stream.reconfigure(encoding="utf-8")
     try:
         code = typer.main.get_command(app).main(prog_name="rinna", standalone_mode=False)
-    except click.exceptions.Abort:
+    except typer.Abort:
         code = 130
-    except click.ClickException as err:
+    except typer.TyperException as err:  # typer's own click errors: bad option, missing value, unknown command
         err.show()
         code = err.exit_code
     except RinnaError as err:

@@ -7,13 +7,15 @@ a scripted fake); :func:`run_terminal` and :func:`run_piped` feed it lines.
 
 from __future__ import annotations
 
+import datetime
+import os
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Iterable
 
 from rinna_cli import commands, store
-from rinna_cli.config import Settings
+from rinna_cli.config import GENERATION_KEYS, Settings
 from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.interrupt import sigint_sets
 from rinna_cli.prompt import SYSTEM, USER
@@ -46,6 +48,11 @@ class Chat:
 
     def handle(self, line: str) -> bool:
         """Carry out one input line; False means the user asked to quit."""
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the terminal sent that are not UTF-8 (surrogate escapes)
+            self.notice("error: the input is not valid UTF-8 (is the terminal set to UTF-8?); nothing was sent")
+            return True
         parsed = commands.parse(line)
         if isinstance(parsed, commands.Invalid):
             self.notice(parsed.hint)
@@ -69,15 +76,22 @@ class Chat:
         if self.log and count:
             self.log.append({"type": "undo", "count": count})
 
-    def reply(self) -> None:
-        """Generate the reply to the conversation as it stands, streaming it."""
+    def reply(self, new_message: bool = True) -> None:
+        """Generate the reply to the conversation as it stands, streaming it.
+
+        ``new_message``: the last turn is a message just typed, withdrawn again
+        if it cannot fit the window (a ``/retry`` keeps the turn it answers).
+        """
         room = self.engine.window - self.settings.max_new_tokens
         try:
             start = self.conversation.fit(room, self.start)
         except UsageError as err:
-            self.conversation.turns.pop()
-            self._forget(1)
-            self.notice(f"error: {err}; the message was not sent")
+            if new_message:
+                self.conversation.turns.pop()
+                self._forget(1)
+                self.notice(f"error: {err}; the message was not sent")
+            else:
+                self.notice(f"error: {err}")
             return
         if start > self.start:
             self.notice(
@@ -86,14 +100,21 @@ class Chat:
             )
             self.start = start
         stop = threading.Event()
+        streamed: list[str] = []
+
+        def on_text(chunk: str) -> None:
+            streamed.append(chunk)
+            self.view.write(chunk)
+
         self.view.label(SYSTEM)
         try:
             with sigint_sets(stop):
-                reply = self.engine.generate(
-                    self.conversation.prompt_ids(self.start), self.settings.generation(), self.view.write, stop
-                )
+                reply = self.engine.generate(self.conversation.prompt_ids(self.start), self.settings.generation(), on_text, stop)
         except KeyboardInterrupt:
-            self.view.end("interrupted; reply dropped")
+            # A second Ctrl-C before the model stopped: keep what was shown.
+            self.view.end("interrupted")
+            if streamed:
+                self._record(self.conversation.add_reply("".join(streamed), interrupted=True))
             return
         except RinnaError as err:
             self.view.end()
@@ -130,7 +151,7 @@ class Chat:
         if not turns:
             self.notice("nothing to retry")
             return
-        self.reply()
+        self.reply(new_message=False)
 
     def _history(self) -> None:
         turns = self.conversation.turns
@@ -155,8 +176,10 @@ class Chat:
         """Continue ``loaded`` instead of the current conversation (saved ids kept for the same model)."""
         conversation = Conversation(self.engine.tokenizer)
         same_model = loaded.model == self.engine.name
-        for speaker, text, ids, interrupted in loaded.turns:
-            conversation.restore(speaker, text, ids if same_model else None, interrupted)
+        for index, (speaker, text, ids, interrupted) in enumerate(loaded.turns):
+            turn = conversation.restore(speaker, text, ids if same_model else None, interrupted)
+            if index < len(loaded.times) and loaded.times[index] is not None:
+                turn.time = loaded.times[index]
         self.conversation, self.start = conversation, 0
         if self.log:
             self.log.append({"type": "reset"})
@@ -165,6 +188,8 @@ class Chat:
 
     def _set(self, key: str, value: str) -> None:
         try:
+            if key not in GENERATION_KEYS:
+                raise UsageError(f"/set: unknown setting {key!r}; known: {', '.join(GENERATION_KEYS)}")
             settings = self.settings.with_value(key, value, "/set")
             if settings.max_new_tokens >= self.engine.window:
                 raise UsageError(
@@ -205,10 +230,33 @@ def run_piped(chat: Chat, lines: Iterable[bytes]) -> int:
     return 0
 
 
-def run_terminal(chat: Chat, history_file: Path | None) -> int:
+def _history(path: Path, warn: Callable[[str], None]):
+    """prompt_toolkit's file history, each entry appended with one ``write``; a failing disk warns once."""
+    from prompt_toolkit.history import FileHistory
+
+    class History(FileHistory):
+        failed = False
+
+        def store_string(self, string: str) -> None:
+            entry = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
+            try:
+                fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                try:
+                    os.write(fd, entry.encode("utf-8", errors="replace"))
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                if not self.failed:
+                    self.failed = True
+                    warn(f"cannot write the input history {self.filename} ({err.strerror or err})")
+
+    return History(str(path))
+
+
+def run_terminal(chat: Chat, history_file: Path | None, warn: Callable[[str], None] | None = None) -> int:
     """The interactive prompt: Enter sends, Alt+Enter adds a line, Ctrl-C clears, Ctrl-D quits."""
     from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
 
     bindings = KeyBindings()
@@ -217,7 +265,7 @@ def run_terminal(chat: Chat, history_file: Path | None) -> int:
     def _newline(event):
         event.current_buffer.insert_text("\n")
 
-    history = FileHistory(str(history_file)) if history_file else InMemoryHistory()
+    history = _history(history_file, warn or chat.notice) if history_file else InMemoryHistory()
     session = PromptSession(history=history, key_bindings=bindings, enable_open_in_editor=False)
     while True:
         try:
@@ -226,5 +274,9 @@ def run_terminal(chat: Chat, history_file: Path | None) -> int:
             continue
         except EOFError:
             return 0
-        if not chat.handle(line):
-            return 0
+        try:
+            if not chat.handle(line):
+                return 0
+        except KeyboardInterrupt:
+            # Ctrl-C outside generation (while the prompt was being built or saved): back to the prompt.
+            chat.notice("interrupted")

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from rinna_cli.errors import UsageError
-from rinna_cli.prompt import SYSTEM, USER, encode_newlines, format_prompt, reply_prefix, utterance
+from rinna_cli.prompt import SYSTEM, USER, format_prompt, reply_prefix, utterance
 from rinna_cli.tokenizer import Tokenizer
 
 
@@ -54,10 +54,12 @@ class Conversation:
         return turn
 
     def add_reply(self, text: str, reply_ids: list[int] | None = None, interrupted: bool = False) -> Turn:
-        """Add the model's reply; ``reply_ids`` are the generated ids (encoded from text if absent)."""
+        """Add the model's reply: with the ids it generated, or (read back from text) encoded as the card does."""
         if reply_ids is None:
-            reply_ids = self.tokenizer.encode(encode_newlines(text))
-        turn = Turn(SYSTEM, text, self._prefix_ids + list(reply_ids), interrupted=interrupted)
+            ids = self.tokenizer.encode(utterance(SYSTEM, text))
+        else:
+            ids = self._prefix_ids + list(reply_ids)
+        turn = Turn(SYSTEM, text, ids, interrupted=interrupted)
         self.turns.append(turn)
         return turn
 

@@ -9,10 +9,12 @@ reading. A transcript (``/save``) is one JSON document that ``--load`` and
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rinna_cli.errors import RinnaError
@@ -37,7 +39,7 @@ class SessionLog:
     @classmethod
     def create(cls, folder: Path, warn, header: dict) -> SessionLog:
         """A new log file whose name no other process can take (exclusive create)."""
-        log = cls(folder / "unsaved.jsonl", warn)
+        log = cls(folder, warn)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -48,6 +50,8 @@ class SessionLog:
                     break
                 except FileExistsError:
                     continue
+            else:
+                raise FileExistsError(17, "no free session file name")
             log.path = path
         except OSError as err:
             log._fail(err)
@@ -60,16 +64,31 @@ class SessionLog:
             self.warn(f"cannot autosave the conversation to {self.path} ({err.strerror or err}); use /save to keep it")
 
     def append(self, record: dict) -> None:
-        """Write one record as one line with one ``write`` call, then fsync."""
+        """Write one record as one line with one ``write`` call, then fsync.
+
+        A short write (full disk) is cut back off, so the file keeps only whole
+        lines; a torn last line left by an earlier crash is ended first, so a
+        new record never joins it.
+        """
         if self.failed:
             return
         line = (json.dumps({**record, "at": time.time()}, ensure_ascii=False) + "\n").encode()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
-                written = os.write(fd, line)
-                if written != len(line):
-                    raise OSError(28, "No space left on device")
+                size = os.fstat(fd).st_size
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    line = b"\n" + line
+                try:
+                    written = os.write(fd, line)
+                    if written != len(line):
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                except OSError:
+                    try:
+                        os.ftruncate(fd, size)
+                    except OSError:
+                        pass
+                    raise
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -82,38 +101,70 @@ class SessionLog:
 
 @dataclass
 class Loaded:
-    """Turns read back from a log or transcript: ``(speaker, text, ids or None, interrupted)``."""
+    """Turns read back from a log or transcript: ``(speaker, text, ids or None, interrupted)``.
+
+    ``times`` holds each turn's timestamp where the file has a valid one (else None).
+    """
 
     turns: list[tuple[str, str, list[int] | None, bool]]
     model: str | None
+    times: list[float | None] = field(default_factory=list)
 
 
 def replay_log(path: Path) -> Loaded:
-    """The conversation a session log ends with (undo and reset events applied)."""
+    """The conversation a session log ends with (undo and reset events applied).
+
+    A line that is not JSON (torn by a crash or a full disk) is skipped; a file
+    with no session record in it is not a session log and is refused.
+    """
     turns: list[tuple[str, str, list[int] | None, bool]] = []
+    times: list[float | None] = []
     model = None
-    for number, line in enumerate(_read(path).splitlines(), 1):
+    session = False
+    for number, line in enumerate(_read_bytes(path).split(b"\n"), 1):
         try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line torn by a crash or a full disk
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError too
+            continue  # a line torn by a crash or a full disk (maybe in the middle of a character)
         kind = record.get("type") if isinstance(record, dict) else None
         if kind == "session":
-            model = record.get("model")
+            session = True
+            model = record.get("model") if isinstance(record.get("model"), str) else None
         elif kind == "turn":
             turns.append(_checked(record, path, number, with_ids=True))
+            times.append(_time(record))
         elif kind == "undo":
-            del turns[len(turns) - int(record.get("count", 0)) :]
+            count = record.get("count", 0)
+            if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+                del turns[max(0, len(turns) - count) :], times[max(0, len(times) - count) :]
         elif kind == "reset":
             turns.clear()
-    return Loaded(turns, model)
+            times.clear()
+    if not session:
+        raise RinnaError(f"{path}: not a rinna-cli session log (no session record)")
+    return Loaded(turns, model, times)
+
+
+def _has_turns(path: Path) -> bool:
+    try:
+        with open(path, "rb") as file:
+            return any(b'"type": "turn"' in line for line in file)
+    except OSError:
+        return False
 
 
 def latest_log(folder: Path) -> Path:
-    logs = sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
-    if not logs:
-        raise RinnaError(f"no saved chat session in {folder} to resume")
-    return logs[-1]
+    """The session log written last that holds at least one turn."""
+    logs = []
+    for path in folder.glob("*.jsonl") if folder.is_dir() else ():
+        try:
+            logs.append((path.stat().st_mtime, path.name, path))
+        except OSError:
+            continue  # removed meanwhile
+    for _, _, path in sorted(logs, reverse=True):
+        if _has_turns(path):
+            return path
+    raise RinnaError(f"no saved chat session in {folder} to resume")
 
 
 def save_transcript(path: Path, turns: list[Turn], model: str, settings: dict) -> Path:
@@ -128,7 +179,10 @@ def save_transcript(path: Path, turns: list[Turn], model: str, settings: dict) -
     path = path.expanduser()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as err:
         temporary.unlink(missing_ok=True)
@@ -141,8 +195,13 @@ def load_transcript(path: Path) -> Loaded:
     path = path.expanduser()
     if path.suffix == ".jsonl":
         return replay_log(path)
+    data = _read_bytes(path)
+    if _is_session_log(data):
+        return replay_log(path)
     try:
-        document = json.loads(_read(path))
+        document = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise RinnaError(f"{path}: cannot read (not UTF-8 text: {err.reason} at byte {err.start})") from None
     except ValueError as err:
         raise RinnaError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(document, dict) or document.get("format") != TRANSCRIPT_FORMAT:
@@ -150,16 +209,34 @@ def load_transcript(path: Path) -> Loaded:
     turns = document.get("turns")
     if not isinstance(turns, list):
         raise RinnaError(f"{path}: \"turns\" must be a list")
-    return Loaded([_checked(t, path, i, with_ids=False) for i, t in enumerate(turns, 1)], document.get("model"))
+    model = document.get("model")
+    checked = [_checked(t, path, i, with_ids=False) for i, t in enumerate(turns, 1)]
+    return Loaded(checked, model if isinstance(model, str) else None, [_time(t) for t in turns])
 
 
-def _read(path: Path) -> str:
+def _is_session_log(data: bytes) -> bool:
+    """Whether ``data`` starts with a session log's header line."""
     try:
-        return path.read_text(encoding="utf-8")
+        first = json.loads(data.split(b"\n", 1)[0].decode("utf-8"))
+    except ValueError:
+        return False
+    return isinstance(first, dict) and first.get("type") == "session"
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
     except FileNotFoundError:
         raise RinnaError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise RinnaError(f"{path}: cannot read ({err})") from None
+    except OSError as err:
+        raise RinnaError(f"{path}: cannot read ({err.strerror or err})") from None
+
+
+def _time(record: dict) -> float | None:
+    value = record.get("time")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 def _checked(record: object, path: Path, number: int, with_ids: bool):
@@ -174,4 +251,4 @@ def _checked(record: object, path: Path, number: int, with_ids: bool):
     ids = record.get("ids") if with_ids else None
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
         ids = None
-    return speaker, text, ids, bool(record.get("interrupted", False))
+    return speaker, text, ids, record.get("interrupted") is True
