@@ -28,3 +28,14 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Benchmarks (benchmarks/bench.py; docs/benchmarks.md says what they measure). `bench` builds
+# a random-weight model of rinna's full shape once (7.2 GB, cached in ~/.cache/rinna-cli-bench)
+# and writes its report into docs/benchmarks.md; `bench-quick` runs a 4-layer model and only prints.
+.PHONY: bench bench-quick
+
+bench: install
+	$(BIN)/python benchmarks/bench.py --write docs/benchmarks.md
+
+bench-quick: install
+	$(BIN)/python benchmarks/bench.py --layers 4 --turns 8 --new-tokens 8 --startup-runs 3 --stream-repeats 5

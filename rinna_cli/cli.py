@@ -236,7 +236,7 @@ def chat(
     errors = err_console()
 
     def warn(message: str) -> None:
-        errors.print(f"rinna: warning: {message}", markup=False, style="yellow")
+        errors.print(f"rinna: warning: {message}", markup=False, highlight=False, soft_wrap=True, style="yellow")
 
     # A resumed or loaded conversation continues in a new session file of its own (its turns
     # copied first), so two chats never append to the same file.
@@ -283,6 +283,8 @@ def main() -> None:
             stream.reconfigure(encoding="utf-8")
     try:
         code = typer.main.get_command(app).main(prog_name="rinna", standalone_mode=False)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # a reader that went away shows here, not as "Exception ignored" at exit
     except typer.Abort:
         code = 130
     except typer.TyperException as err:  # typer's own click errors: bad option, missing value, unknown command
@@ -294,6 +296,12 @@ def main() -> None:
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:
+        _quiet_broken_pipe()
+        code = 0
+    except SystemExit as exit_:
+        # typer answers a closed stdout (EPIPE) with a quiet exit 1; the reader going away is success here
+        if not isinstance(exit_.__context__, BrokenPipeError):
+            raise
         _quiet_broken_pipe()
         code = 0
     sys.exit(code if isinstance(code, int) else 0)

@@ -121,7 +121,7 @@ def _defaults() -> dict:
 def _user_config(path: Path, warn) -> dict:
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: cannot read the config file ({err})") from None

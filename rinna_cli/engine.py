@@ -7,8 +7,11 @@ and values of the ids last seen; a new prompt that shares a prefix with them
 
 from __future__ import annotations
 
+import pickle
+import re
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +31,22 @@ hf_logging.disable_progress_bar()  # loading shows one spinner on a terminal's s
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_HINT = "try --dtype bfloat16 or float16, or --device cpu"
+# How allocation failures read: torch.OutOfMemoryError, CUDA/MPS "out of memory", the CPU
+# allocator's "can't allocate memory" / "not enough memory", errno 12 "Cannot allocate memory".
+_OOM_WORDS = ("out of memory", "can't allocate", "cannot allocate", "not enough memory")
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, (RuntimeError, OSError)) and any(word in text for word in _OOM_WORDS)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first line of an error's message, without the ANSI styling some libraries add."""
+    return (_ANSI.sub("", str(err)).strip().splitlines() or [type(err).__name__])[0]
 
 
 def resolve_device(name: str) -> str:
@@ -114,21 +133,32 @@ class Engine:
         device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, device)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                folder,
-                dtype=torch_dtype,
-                trust_remote_code=False,
-                use_safetensors=files[0].suffix == ".safetensors",
-                local_files_only=True,
-            )
-            model.to(device)
-        except (torch.OutOfMemoryError, MemoryError):
-            raise ModelError(f"{folder}: out of memory while loading the model; {OOM_HINT}") from None
+            with warnings.catch_warnings():  # e.g. torch's pickle-protocol notice: the error below says it all
+                warnings.simplefilter("ignore")
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    folder,
+                    dtype=torch_dtype,
+                    trust_remote_code=False,
+                    use_safetensors=files[0].suffix == ".safetensors",
+                    local_files_only=True,
+                    output_loading_info=True,
+                )
+                model.to(device)
         except Exception as err:  # noqa: BLE001 - every loader failure becomes one line naming the folder
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            if "out of memory" in first.lower() or "can't allocate" in first.lower():
+            if _is_oom(err):
                 raise ModelError(f"{folder}: out of memory while loading the model; {OOM_HINT}") from None
-            raise ModelError(f"{folder}: cannot load the weights ({type(err).__name__}: {first})") from None
+            if isinstance(err, pickle.UnpicklingError):
+                raise ModelError(
+                    f"{folder}: {files[0].name} is not a plain-tensor checkpoint (it holds other objects or is "
+                    "damaged); pickles are read only with torch's weights_only loader, which refused it"
+                ) from None
+            raise ModelError(f"{folder}: cannot load the weights ({type(err).__name__}: {_first_line(err)})") from None
+        missing = sorted((info or {}).get("missing_keys") or ())
+        if missing:  # transformers would fill them with random values and the replies would be noise
+            raise ModelError(
+                f"{folder}: the weights lack {len(missing)} of the model's tensors (e.g. {missing[0]}); "
+                "the files are incomplete or belong to another model"
+            )
         model.eval()
         return cls(model, tokenizer, name, context_window(config))
 
@@ -198,8 +228,12 @@ class Engine:
                     streamer=streamer,
                     stopping_criteria=[_Stop(stop)],
                 )
-        except BaseException:
+        except BaseException as err:
             self._cache, self._cached_ids = None, []
+            if isinstance(err, Exception) and _is_oom(err):
+                raise ModelError(
+                    f"out of memory while generating; lower --max-new-tokens or shorten the prompt, or {OOM_HINT}"
+                ) from None
             raise
         ended = time.perf_counter()
         generated = output[0, len(prompt_ids) :].tolist()

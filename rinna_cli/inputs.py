@@ -13,7 +13,10 @@ def read_stdin(limit: int, stream: BinaryIO | None = None) -> str:
 
     Only ``limit + 1`` bytes are ever read, so a huge pipe costs no memory.
     """
-    stream = stream or sys.stdin.buffer
+    if stream is None:
+        if sys.stdin is None:  # standard input closed (``<&-``): nothing to read
+            return ""
+        stream = sys.stdin.buffer
     data = stream.read(limit + 1)
     if len(data) > limit:
         raise UsageError(

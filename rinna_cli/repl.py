@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from rinna_cli.config import GENERATION_KEYS, Settings
 from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.interrupt import sigint_sets
 from rinna_cli.prompt import SYSTEM, USER
-from rinna_cli.render import ReplyView, escape_controls
+from rinna_cli.render import ReplyView, escape_controls, is_tty
 from rinna_cli.session import Conversation, Reply
 
 
@@ -109,20 +110,22 @@ class Chat:
         self.view.label(SYSTEM)
         try:
             with sigint_sets(stop):
-                reply = self.engine.generate(self.conversation.prompt_ids(self.start), self.settings.generation(), on_text, stop)
+                prompt_ids = self.conversation.prompt_ids(self.start)
+                reply = self.engine.generate(prompt_ids, self.settings.generation(), on_text, stop)
         except KeyboardInterrupt:
             # A second Ctrl-C before the model stopped: keep what was shown.
-            self.view.end("interrupted")
             if streamed:
                 self._record(self.conversation.add_reply("".join(streamed), interrupted=True))
+            self.view.end("interrupted")
             return
         except RinnaError as err:
             self.view.end()
             self.notice(f"error: {err}")
             return
         interrupted = reply.finish_reason == "interrupted"
-        self.view.end("interrupted" if interrupted else None)
+        # Saved before the reply's last newline is shown: a reply seen complete is on disk.
         self._record(self.conversation.add_reply(reply.text, reply.ids, interrupted=interrupted))
+        self.view.end("interrupted" if interrupted else None)
         self.last = reply
 
     # -- slash commands -------------------------------------------------------------------------
@@ -258,6 +261,7 @@ def run_terminal(chat: Chat, history_file: Path | None, warn: Callable[[str], No
     from prompt_toolkit import PromptSession
     from prompt_toolkit.history import InMemoryHistory
     from prompt_toolkit.key_binding import KeyBindings
+    from prompt_toolkit.output import create_output
 
     bindings = KeyBindings()
 
@@ -266,7 +270,10 @@ def run_terminal(chat: Chat, history_file: Path | None, warn: Callable[[str], No
         event.current_buffer.insert_text("\n")
 
     history = _history(history_file, warn or chat.notice) if history_file else InMemoryHistory()
-    session = PromptSession(history=history, key_bindings=bindings, enable_open_in_editor=False)
+    # With stdout redirected (`rinna chat > chat.txt`) the prompt is drawn on the terminal's
+    # stderr; by default prompt_toolkit would draw it, escapes and all, into the file.
+    output = create_output(always_prefer_tty=True) if not is_tty(sys.stdout) and is_tty(sys.stderr) else None
+    session = PromptSession(history=history, key_bindings=bindings, enable_open_in_editor=False, output=output)
     while True:
         try:
             line = session.prompt([("bold fg:ansigreen", f"{USER}: ")], prompt_continuation="  ")

@@ -41,7 +41,7 @@ class SessionLog:
         """A new log file whose name no other process can take (exclusive create)."""
         log = cls(folder, warn)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
             stamp = time.strftime("%Y%m%d-%H%M%S")
             for n in range(1000):
                 path = folder / f"{stamp}-{os.getpid()}{f'-{n}' if n else ''}.jsonl"
@@ -72,7 +72,8 @@ class SessionLog:
         """
         if self.failed:
             return
-        line = (json.dumps({**record, "at": time.time()}, ensure_ascii=False) + "\n").encode()
+        # A lone surrogate (undecodable input) is written as a JSON escape, never an encoding error.
+        line = (json.dumps({**record, "at": time.time()}, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -240,7 +241,8 @@ def _time(record: dict) -> float | None:
 
 
 def _checked(record: object, path: Path, number: int, with_ids: bool):
-    where = f"{path}: turn {number}"
+    """A turn record as a tuple; ``number`` is the turn's place in a transcript, or its line in a log (``with_ids``)."""
+    where = f"{path}: line {number}" if with_ids else f"{path}: turn {number}"
     if not isinstance(record, dict):
         raise RinnaError(f"{where}: not an object")
     speaker, text = record.get("speaker"), record.get("text")
@@ -248,6 +250,10 @@ def _checked(record: object, path: Path, number: int, with_ids: bool):
         raise RinnaError(f"{where}: speaker must be one of {', '.join(SPEAKERS)}")
     if not isinstance(text, str):
         raise RinnaError(f"{where}: text must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate written as an escape, e.g. "\ud800"
+        raise RinnaError(f"{where}: text is not valid Unicode (a lone surrogate)") from None
     ids = record.get("ids") if with_ids else None
     if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
         ids = None
