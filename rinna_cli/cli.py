@@ -39,12 +39,26 @@ ModelOpt = Annotated[
 ]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps")]
 DtypeOpt = Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16")]
+QuantizeOpt = Annotated[
+    Optional[str], typer.Option(help="auto | int8 | none; auto = int8 weights on the CPU (cached after the first start)")
+]
 TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy. [default: 0.7]")]
 TopPOpt = Annotated[Optional[float], typer.Option(help="Nucleus sampling, 0 < p <= 1. [default: 1.0]")]
 TopKOpt = Annotated[Optional[int], typer.Option(help="Top-k sampling, 0 = off. [default: 50]")]
 RepetitionOpt = Annotated[Optional[float], typer.Option(help="1 = off. [default: 1.0]")]
 MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="[default: 128]")]
 SeedOpt = Annotated[Optional[int], typer.Option(help="Same seed + same options = same reply; -1 = random.")]
+EndpointOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Generate on this OpenAI-compatible server (vLLM, `rinna serve`), e.g. http://host:8000/v1; "
+        "the prompt is still tokenized here. '' = the local model. [env: RINNA_ENDPOINT]"
+    ),
+]
+ApiKeyEnvOpt = Annotated[
+    Optional[str],
+    typer.Option(help="The environment variable holding the endpoint's API key (sent as a Bearer token). [default: RINNA_API_KEY]"),
+]
 
 
 def _settings(**flags) -> config.Settings:
@@ -96,12 +110,20 @@ def tokenize(
 
 def load_engine(settings: config.Settings, tokenizer: Tokenizer):
     """Fetch the weights if needed and load them, with a spinner on a terminal's stderr."""
-    status = err_console().status(f"Loading {settings.model} …") if is_tty(sys.stderr) else nullcontext()
-    with status:
+    status = err_console().status(f"Loading {settings.model} …") if is_tty(sys.stderr) else None
+    with status or nullcontext():
         folder = hub.locate(settings.model, weights=True)
         from rinna_cli.engine import Engine
 
-        return Engine.load(folder, settings.model, tokenizer, settings.device, settings.dtype)
+        return Engine.load(
+            folder,
+            settings.model,
+            tokenizer,
+            settings.device,
+            settings.dtype,
+            settings.quantize,
+            progress=lambda step: status and status.update(f"Loading {settings.model}: {step} …"),
+        )
 
 
 def check_fits(prompt_tokens: int, max_new_tokens: int, window: int) -> None:
@@ -114,6 +136,15 @@ def check_fits(prompt_tokens: int, max_new_tokens: int, window: int) -> None:
             f"the prompt is {prompt_tokens} tokens; with max_new_tokens = {max_new_tokens} at most {room} "
             f"fit in the model's {window}-token window"
         )
+
+
+def open_engine(settings: config.Settings, tokenizer: Tokenizer, window: int):
+    """The local engine, or with ``endpoint`` set a remote one (checked to answer) that takes the same calls."""
+    if not settings.endpoint:
+        return load_engine(settings, tokenizer)
+    from rinna_cli.remote import connect
+
+    return connect(settings, tokenizer, window)
 
 
 def _stats_line(reply: Reply) -> str:
@@ -132,12 +163,15 @@ def ask(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
     repetition_penalty: RepetitionOpt = None,
     max_new_tokens: MaxNewOpt = None,
     seed: SeedOpt = None,
+    endpoint: EndpointOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object after generation.")] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Tokens, time to first token and tokens/s on stderr.")] = False,
     show_prompt: Annotated[
@@ -146,8 +180,9 @@ def ask(
 ) -> int:
     """Ask one question; the reply streams to stdout (plain text when piped)."""
     settings = _settings(
-        model=model, device=device, dtype=dtype, temperature=temperature, top_p=top_p, top_k=top_k,
+        model=model, device=device, dtype=dtype, quantize=quantize, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+        endpoint=endpoint, api_key_env=api_key_env,
     )  # fmt: skip
     folder, tokenizer = _tokenizer(settings)
     window = hub.context_window(hub.read_config(folder))
@@ -165,7 +200,7 @@ def ask(
         err_console().print(f"{len(prompt_ids)} tokens", markup=False)
         return 0
     check_fits(len(prompt_ids), settings.max_new_tokens, window)
-    engine = load_engine(settings, tokenizer)
+    engine = open_engine(settings, tokenizer, window)
     view = ReplyView()
     stop = threading.Event()
     from rinna_cli.interrupt import sigint_sets
@@ -205,12 +240,15 @@ def chat(
     model: ModelOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     temperature: TemperatureOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
     repetition_penalty: RepetitionOpt = None,
     max_new_tokens: MaxNewOpt = None,
     seed: SeedOpt = None,
+    endpoint: EndpointOpt = None,
+    api_key_env: ApiKeyEnvOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last chat session.")] = False,
     load: Annotated[Optional[Path], typer.Option("--load", help="Continue a transcript saved with /save.")] = None,
 ) -> int:
@@ -221,17 +259,19 @@ def chat(
     from rinna_cli.repl import Chat, run_piped, run_terminal
 
     settings = _settings(
-        model=model, device=device, dtype=dtype, temperature=temperature, top_p=top_p, top_k=top_k,
+        model=model, device=device, dtype=dtype, quantize=quantize, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+        endpoint=endpoint, api_key_env=api_key_env,
     )  # fmt: skip
     if resume and load:
         raise UsageError("--resume and --load cannot be used together")
     folder, tokenizer = _tokenizer(settings)
-    check_fits(0, settings.max_new_tokens, hub.context_window(hub.read_config(folder)))
+    window = hub.context_window(hub.read_config(folder))
+    check_fits(0, settings.max_new_tokens, window)
     sessions = config.app_dir() / "sessions"
     resumed = store.latest_log(sessions) if resume else None
     loaded = store.replay_log(resumed) if resumed else store.load_transcript(load) if load else None
-    engine = load_engine(settings, tokenizer)
+    engine = open_engine(settings, tokenizer, window)
 
     errors = err_console()
 
@@ -268,6 +308,68 @@ def chat(
         warn(f"cannot write the input history {history}; it is kept in memory only")
         history = None
     return run_terminal(session, history, warn)
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; any but a loopback one (127.0.0.1, ::1) needs --api-key-env.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on; 0 = a free one (the address is printed).")] = 8000,
+    api_key_env: Annotated[
+        Optional[str],
+        typer.Option(help="Require the key held in this environment variable (clients send it as a Bearer token)."),
+    ] = None,
+    queue_size: Annotated[
+        int, typer.Option(help="Requests that may wait while one reply is generated; more get HTTP 429.")
+    ] = 4,
+) -> int:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
+    settings = _settings(model=model, device=device, dtype=dtype, quantize=quantize)
+    api_key = None
+    if api_key_env is not None:
+        name = config.check("api_key_env", api_key_env, "--api-key-env")
+        api_key = os.environ.get(name, "").strip()
+        if not api_key:
+            raise UsageError(f"--api-key-env {name}: the variable is unset or empty; set it to the key clients must send")
+    else:
+        from rinna_cli.server import is_loopback
+
+        if not is_loopback(host):
+            raise UsageError(
+                f"--host {host} takes connections from other machines; require an API key with "
+                "--api-key-env NAME (the environment variable holding it), or bind 127.0.0.1"
+            )
+    if not 0 <= port <= 65535:
+        raise UsageError(f"--port {port} is out of range; allowed: 0 <= port <= 65535 (0 = a free one)")
+    if not 0 <= queue_size <= 1000:
+        raise UsageError(f"--queue-size {queue_size} is out of range; allowed: 0 <= queue_size <= 1000")
+    try:
+        from rinna_cli import server
+    except ImportError as err:
+        raise UsageError(f"rinna serve needs FastAPI and uvicorn ({err}); install them: pip install 'rinna-cli[serve]'") from None
+    sock = server.listen(host, port)  # before loading: a taken port fails at once
+    folder, tokenizer = _tokenizer(settings)
+    engine = load_engine(settings, tokenizer)
+    name = hub.expand(settings.model)
+    url = server.url_of(sock)
+
+    def ready() -> None:
+        auth = f"; clients send the key in ${api_key_env}" if api_key else ""
+        err_console().print(
+            f"rinna serve: {name} on {engine.device} ({engine.dtype}) at {url}{auth} · Ctrl-C to stop",
+            markup=False, highlight=False, soft_wrap=True,
+        )  # fmt: skip
+
+    defaults = settings.generation()
+    defaults["max_new_tokens"] = min(defaults["max_new_tokens"], engine.window - 1)
+    application = server.create_app(engine, name, defaults, api_key=api_key, queue_size=queue_size, on_ready=ready)
+    server.run(application, sock)
+    return 0
 
 
 def _quiet_broken_pipe() -> None:

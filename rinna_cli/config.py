@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
+import urllib.parse
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -25,6 +27,7 @@ HOME_ENV = "RINNA_CLI_HOME"
 CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
+    "quantize": ("auto", "int8", "none"),
 }
 # key -> (type, lowest, highest, lowest is exclusive, what the range means)
 RANGES = {
@@ -36,6 +39,10 @@ RANGES = {
     "seed": (int, -1, 2**32 - 1, False, "-1 = random"),
 }
 GENERATION_KEYS = tuple(RANGES)
+# Free-form strings: the OpenAI-compatible server to use instead of local weights ("" = local),
+# and the name of the environment variable holding its API key (the key itself is never stored).
+STRINGS = ("endpoint", "api_key_env")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclass(frozen=True)
@@ -43,12 +50,15 @@ class Settings:
     model: str
     device: str
     dtype: str
+    quantize: str
     temperature: float
     top_p: float
     top_k: int
     repetition_penalty: float
     max_new_tokens: int
     seed: int
+    endpoint: str = ""
+    api_key_env: str = "RINNA_API_KEY"
 
     def generation(self) -> dict:
         """The sampling options only."""
@@ -76,6 +86,8 @@ def check(key: str, raw: object, where: str = "") -> object:
     at = f"{where}: " if where else ""
     if key not in KEYS:
         raise UsageError(f"{at}unknown setting {key!r}; known: {', '.join(KEYS)}")
+    if key in STRINGS:
+        return _check_string(key, raw, at)
     if key in CHOICES or key == "model":
         if not isinstance(raw, str) or not raw.strip():
             raise UsageError(f"{at}{key} must be a non-empty string")
@@ -99,6 +111,34 @@ def check(key: str, raw: object, where: str = "") -> object:
     return value
 
 
+def _check_string(key: str, raw: object, at: str) -> str:
+    if not isinstance(raw, str):
+        raise UsageError(f"{at}{key} must be a string (got {type(raw).__name__} {raw!r})")
+    value = raw.strip()
+    if key == "endpoint":
+        if not value:
+            return ""  # the local engine
+        parsed = urllib.parse.urlsplit(value)
+        if "@" in parsed.netloc:  # checked first: no message may repeat a password
+            raise UsageError(
+                f"{at}endpoint must not hold credentials; put the API key in the environment variable "
+                "named by api_key_env (RINNA_API_KEY by default)"
+            )
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.query or parsed.fragment:
+            raise UsageError(
+                f"{at}endpoint must be an http:// or https:// URL such as http://127.0.0.1:8000/v1, "
+                f"or empty for the local model (got {raw!r})"
+            )
+        try:
+            parsed.port
+        except ValueError:
+            raise UsageError(f"{at}endpoint has an invalid port (got {raw!r})") from None
+        return value
+    if not _ENV_NAME.fullmatch(value):
+        raise UsageError(f"{at}{key} must name an environment variable, e.g. RINNA_API_KEY (got {raw!r})")
+    return value
+
+
 def app_dir() -> Path:
     """Where the user config, input history and saved sessions live."""
     home = os.environ.get(HOME_ENV)
@@ -107,6 +147,14 @@ def app_dir() -> Path:
     import typer
 
     return Path(typer.get_app_dir(APP_NAME))
+
+
+def cache_dir() -> Path:
+    """Where derived files (the int8 weights) are cached: ``$RINNA_CLI_HOME/cache`` or the user cache dir."""
+    home = os.environ.get(HOME_ENV)
+    if home:
+        return Path(home).expanduser() / "cache"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / APP_NAME
 
 
 def user_config_path() -> Path:

@@ -7,6 +7,7 @@ and values of the ids last seen; a new prompt that shares a prefix with them
 
 from __future__ import annotations
 
+import gc
 import pickle
 import re
 import threading
@@ -16,10 +17,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteria
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
+from rinna_cli import int8
+from rinna_cli.config import cache_dir as default_cache_dir
 from rinna_cli.errors import ModelError, UsageError
 from rinna_cli.hub import context_window, read_config
 from rinna_cli.session import Reply
@@ -74,6 +77,64 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+def resolve_quantize(name: str, device: str, dtype: str) -> bool:
+    """Whether to use int8 weights: ``auto`` on the CPU unless a dtype is asked for; ``int8`` only on the CPU."""
+    if name == "int8":
+        if device != "cpu":
+            raise UsageError(f"--quantize int8 runs on the CPU only (device is {device}); use --quantize none")
+        if dtype not in ("auto", "bfloat16"):
+            raise UsageError(f"--quantize int8 computes in bfloat16; drop --dtype {dtype} or use --quantize none")
+        return True
+    return name == "auto" and device == "cpu" and dtype == "auto"
+
+
+def _from_pretrained(folder: Path, files: list[Path], torch_dtype: torch.dtype):
+    model, info = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=torch_dtype,
+        trust_remote_code=False,
+        use_safetensors=files[0].suffix == ".safetensors",
+        local_files_only=True,
+        output_loading_info=True,
+    )
+    missing = sorted((info or {}).get("missing_keys") or ())
+    if missing:  # transformers would fill them with random values and the replies would be noise
+        raise ModelError(
+            f"{folder}: the weights lack {len(missing)} of the model's tensors (e.g. {missing[0]}); "
+            "the files are incomplete or belong to another model"
+        )
+    return model
+
+
+def _load_int8(folder: Path, files: list[Path], cache_dir: Path | None, progress: Callable[[str], None]):
+    """The int8 model from the cache, quantizing (and caching) it first if it is not there yet."""
+    path = (cache_dir or default_cache_dir()) / "int8" / f"{int8.cache_key(folder)}.safetensors"
+    if path.is_file():
+        progress("loading int8 weights")
+        try:
+            return int8.load(AutoConfig.from_pretrained(folder), path)
+        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            path.unlink(missing_ok=True)
+    progress("quantizing to int8 (first start only)")
+    config = AutoConfig.from_pretrained(folder)
+    try:
+        if files[0].suffix == ".safetensors":
+            int8.quantize_checkpoint(files, config, path)
+        else:  # a pickle checkpoint is read whole (weights_only), then quantized in place
+            model = int8.quantize_model(_from_pretrained(folder, files, int8.ACTIVATION_DTYPE))
+            int8.save(model, path)
+            del model
+            gc.collect()
+    except OSError as err:
+        if _is_oom(err):
+            raise
+        raise ModelError(
+            f"cannot write the int8 weights to {path.parent} ({err.strerror or err}); "
+            "free some space there or use --quantize none"
+        ) from None
+    return int8.load(config, path)
+
+
 class _Stop(StoppingCriteria):
     """Ends generation after the current token once ``event`` is set (Ctrl-C)."""
 
@@ -126,24 +187,36 @@ class Engine:
         self._cached_ids: list[int] = []
 
     @classmethod
-    def load(cls, folder: Path, name: str, tokenizer: Tokenizer, device: str = "auto", dtype: str = "auto") -> Engine:
-        """Load the weights (safetensors preferred, pickles only with ``weights_only``); never runs model code."""
+    def load(
+        cls,
+        folder: Path,
+        name: str,
+        tokenizer: Tokenizer,
+        device: str = "auto",
+        dtype: str = "auto",
+        quantize: str = "auto",
+        cache_dir: Path | None = None,
+        progress: Callable[[str], None] = lambda _: None,
+    ) -> Engine:
+        """Load the weights (safetensors preferred, pickles only with ``weights_only``); never runs model code.
+
+        ``quantize`` "auto" means int8 weights on the CPU when no ``dtype`` is asked for; the int8
+        weights are cached in ``cache_dir`` after the first start (see :mod:`rinna_cli.int8`).
+        """
         config = read_config(folder)
         files = _weight_files(folder)
         device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, device)
+        use_int8 = resolve_quantize(quantize, device, dtype)
         try:
             with warnings.catch_warnings():  # e.g. torch's pickle-protocol notice: the error below says it all
                 warnings.simplefilter("ignore")
-                model, info = AutoModelForCausalLM.from_pretrained(
-                    folder,
-                    dtype=torch_dtype,
-                    trust_remote_code=False,
-                    use_safetensors=files[0].suffix == ".safetensors",
-                    local_files_only=True,
-                    output_loading_info=True,
-                )
-                model.to(device)
+                if use_int8:
+                    model = _load_int8(folder, files, cache_dir, progress)
+                else:
+                    model = _from_pretrained(folder, files, resolve_dtype(dtype, device))
+                    model.to(device)
+        except ModelError:
+            raise
         except Exception as err:  # noqa: BLE001 - every loader failure becomes one line naming the folder
             if _is_oom(err):
                 raise ModelError(f"{folder}: out of memory while loading the model; {OOM_HINT}") from None
@@ -153,14 +226,11 @@ class Engine:
                     "damaged); pickles are read only with torch's weights_only loader, which refused it"
                 ) from None
             raise ModelError(f"{folder}: cannot load the weights ({type(err).__name__}: {_first_line(err)})") from None
-        missing = sorted((info or {}).get("missing_keys") or ())
-        if missing:  # transformers would fill them with random values and the replies would be noise
-            raise ModelError(
-                f"{folder}: the weights lack {len(missing)} of the model's tensors (e.g. {missing[0]}); "
-                "the files are incomplete or belong to another model"
-            )
         model.eval()
-        return cls(model, tokenizer, name, context_window(config))
+        engine = cls(model, tokenizer, name, context_window(config))
+        if use_int8:
+            engine.dtype = "int8"
+        return engine
 
     def _reuse_cache(self, prompt_ids: list[int]) -> int:
         """Crop the cache to the prefix it shares with ``prompt_ids`` (leaving one id to feed); return its length."""

@@ -59,13 +59,14 @@ class ReplyView:
             self.console.print(Text(f"{speaker}: ", style=style), end="")
 
     def write(self, chunk: str) -> None:
-        """One streamed chunk of model text."""
+        """One streamed chunk of model text, written as it comes (no re-render of the reply).
+
+        Plain text needs none of Rich's layout, so each chunk costs one write and one flush;
+        on a terminal it is escaped first, so it can neither carry markup nor control codes.
+        """
         if not chunk:
             return
-        if self.console:
-            self.console.print(Text(escape_controls(chunk)), end="", soft_wrap=True)
-        else:
-            self.file.write(chunk)
+        self.file.write(escape_controls(chunk) if self.tty else chunk)
         self.file.flush()
 
     def end(self, note: str | None = None) -> None:

@@ -37,3 +37,19 @@ def memorized_model() -> Path:
     if not (MEMORIZED_DIR / "config.json").is_file():
         pytest.fail(f"{MEMORIZED_DIR} is missing; run: python tests/fixtures/train_memorized.py")
     return MEMORIZED_DIR
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_app_dir(tmp_path_factory):
+    """Everything rinna-cli writes in-process (config, sessions, the int8 cache) goes to a temp dir."""
+    import os
+
+    saved = {key: os.environ.get(key) for key in ("RINNA_CLI_HOME", "HF_HUB_OFFLINE")}
+    os.environ["RINNA_CLI_HOME"] = str(tmp_path_factory.mktemp("rinna_cli_home"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -345,7 +345,7 @@ def test_resolve_dtype_and_device():
     assert resolve_device("auto") in ("cpu", "cuda", "mps")
 
 
-@pytest.mark.parametrize("dtype, expected", [("auto", "bfloat16"), ("float32", "float32"), ("bfloat16", "bfloat16")])
+@pytest.mark.parametrize("dtype, expected", [("auto", "int8"), ("float32", "float32"), ("bfloat16", "bfloat16")])
 def test_dtypes_on_cpu_keep_the_replies_exact(memorized_model, tok, dtype, expected):
     loaded = Engine.load(memorized_model, "memorized", tok, "cpu", dtype)
     assert loaded.dtype == expected and loaded.device == "cpu"

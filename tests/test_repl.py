@@ -20,7 +20,7 @@ from rinna_cli.session import Conversation, Reply
 from rinna_cli.tokenizer import Tokenizer
 
 SETTINGS = config.Settings(
-    model="fake/model", device="cpu", dtype="float32", temperature=0.0, top_p=1.0, top_k=50,
+    model="fake/model", device="cpu", dtype="float32", quantize="none", temperature=0.0, top_p=1.0, top_k=50,
     repetition_penalty=1.0, max_new_tokens=128, seed=-1,
 )  # fmt: skip
 
