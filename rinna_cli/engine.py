@@ -148,9 +148,10 @@ class _Stop(StoppingCriteria):
 class _Streamer(BaseStreamer):
     """transformers' streamer interface over :class:`ReplyDecoder`; skips the prompt, times the tokens."""
 
-    def __init__(self, decoder: ReplyDecoder, on_text: Callable[[str], None]):
+    def __init__(self, decoder: ReplyDecoder, on_text: Callable[[str], None], on_ids: Callable[[list[int]], None]):
         self.decoder = decoder
         self.on_text = on_text
+        self.on_ids = on_ids
         self.prompt_seen = False
         self.generated = 0
         self.first_at: float | None = None
@@ -166,6 +167,7 @@ class _Streamer(BaseStreamer):
         text = self.decoder.push(ids)
         if text:
             self.on_text(text)
+        self.on_ids(ids)
 
     def end(self):
         text = self.decoder.finish()
@@ -270,18 +272,20 @@ class Engine:
         options: dict,
         on_text: Callable[[str], None] = lambda _: None,
         stop: threading.Event | None = None,
+        on_ids: Callable[[list[int]], None] = lambda _: None,
     ) -> Reply:
         """Generate a reply to ``prompt_ids``, passing text to ``on_text`` as it becomes printable.
 
         ``options`` holds the sampling settings (temperature 0 = greedy; seed -1 = random).
-        Setting ``stop`` ends generation after the current token.
+        Setting ``stop`` ends generation after the current token. ``on_ids`` gets each step's
+        generated ids (``</s>`` included) right after the text they completed.
         """
         if not prompt_ids:
             raise UsageError("empty prompt")
         stop = stop or threading.Event()
         cached = self._reuse_cache(prompt_ids)
         decoder = ReplyDecoder(self.tokenizer)
-        streamer = _Streamer(decoder, on_text)
+        streamer = _Streamer(decoder, on_text, on_ids)
         if options["seed"] >= 0:
             torch.manual_seed(options["seed"])
         else:

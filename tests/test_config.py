@@ -113,6 +113,8 @@ def test_every_key_has_an_environment_variable(home):
         "RINNA_REPETITION_PENALTY": "1.1",
         "RINNA_MAX_NEW_TOKENS": "256",
         "RINNA_SEED": "42",
+        "RINNA_ENDPOINT": "http://gpu-box:8000/v1",
+        "RINNA_API_KEY_ENV": "GPU_BOX_KEY",
     }
     settings, _ = load(environ=environ)
     assert config.as_dict(settings) == {
@@ -126,6 +128,8 @@ def test_every_key_has_an_environment_variable(home):
         "repetition_penalty": 1.1,
         "max_new_tokens": 256,
         "seed": 42,
+        "endpoint": "http://gpu-box:8000/v1",
+        "api_key_env": "GPU_BOX_KEY",
     }
 
 
