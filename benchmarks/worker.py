@@ -226,8 +226,11 @@ def run_cli(args: dict) -> dict:
     linear_types = sorted(
         {type(m).__name__ for m in model.modules() if "Linear" in type(m).__name__ and type(m).__name__ != "Module"}
     )
-    int8 = any(tensor.dtype == torch.int8 for tensor in model.parameters())
-    weights = (f"int8 + {engine.dtype}" if int8 else engine.dtype) if engine.dtype else "?"
+    weights = engine.dtype or "?"
+    if engine.dtype == "int8":
+        from rinna_cli.int8 import Int8Linear
+
+        weights = f"int8 ({Int8Linear.kernel} kernel)"
     return {
         "path": "cli",
         "weights": weights,

@@ -378,6 +378,10 @@ def _quiet_broken_pipe() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
+def _error_line(message: str) -> None:
+    err_console().print(f"rinna: error: {escape_controls(message)}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point: every failure becomes one line on stderr and an exit code."""
     for stream in (sys.stdout, sys.stderr):
@@ -390,10 +394,12 @@ def main() -> None:
     except typer.Abort:
         code = 130
     except typer.TyperException as err:  # typer's own click errors: bad option, missing value, unknown command
-        err.show()
-        code = err.exit_code
+        context = getattr(err, "ctx", None)
+        hint = f" (see '{context.command_path} --help')" if context else ""
+        _error_line(f"{getattr(err, 'format_message', err.__str__)()}{hint}")
+        code = getattr(err, "exit_code", 2)
     except RinnaError as err:
-        err_console().print(f"rinna: error: {err}", markup=False, highlight=False, soft_wrap=True)
+        _error_line(str(err))
         code = err.exit_code
     except KeyboardInterrupt:
         code = 130

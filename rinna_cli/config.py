@@ -35,7 +35,7 @@ RANGES = {
     "top_p": (float, 0.0, 1.0, True, "1 = off"),
     "top_k": (int, 0, 100_000, False, "0 = off"),
     "repetition_penalty": (float, 0.0, 10.0, True, "1 = off"),
-    "max_new_tokens": (int, 1, 2048, False, "at most the model's window"),
+    "max_new_tokens": (int, 1, 2047, False, "less than the model's 2048-token window"),
     "seed": (int, -1, 2**32 - 1, False, "-1 = random"),
 }
 GENERATION_KEYS = tuple(RANGES)

@@ -25,48 +25,49 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-FORMAT = "rinna-cli-int8-v1"
+FORMAT = "rinna-cli-int8-v2"
 ACTIVATION_DTYPE = torch.bfloat16
 
 
-def _kernel_available() -> bool:
+def _runs(kernel: str) -> bool:
     try:
-        x = torch.zeros(1, 32, dtype=ACTIVATION_DTYPE)
-        torch._weight_int8pack_mm(x, torch.zeros(8, 32, dtype=torch.int8), torch.ones(8, dtype=ACTIVATION_DTYPE))
+        Int8Linear(32, 8, False, kernel=kernel).forward(torch.zeros(1, 32, dtype=ACTIVATION_DTYPE))
         return True
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
-def best_kernel() -> str:
-    """``int8pack`` (torch's weight-only int8 matmul) where it runs, else the portable ``dequantize``."""
-    return "int8pack" if _kernel_available() else "dequantize"
-
-
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 with one scale per output channel (row)."""
+    """Symmetric absmax int8 with one float32 scale per output channel (row)."""
     scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
     rows = []
     for start in range(0, weight.shape[0], 1024):  # in slices: no float32 copy of a whole matrix
         block = weight[start : start + 1024].float() / scale[start : start + 1024, None]
         rows.append(torch.round(block).clamp(-127, 127).to(torch.int8))
-    return torch.cat(rows), scale.to(ACTIVATION_DTYPE)
+    return torch.cat(rows), scale
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale).T + bias`` with int8 ``q`` of shape (out, in) and a scale per output."""
+    """``y = x @ (q * scale).T + bias`` with int8 ``q`` of shape (out, in) and a scale per output.
 
-    kernel = "int8pack"  # set from best_kernel() at import; tests switch it to check the fallback
+    Kernels, picked by measurement (docs/benchmarks.md): ``int_mm`` quantizes each row
+    of ``x`` to int8 on the fly (absmax, one scale per token) and multiplies int8 by int8
+    with torch's ``_int_mm`` (int32 sums), near the memory-bandwidth bound when decoding
+    and 5x faster than ``int8pack`` when prefilling; ``int8pack`` (torch's weight-only
+    int8 matmul, bfloat16 activations) is the fallback where ``_int_mm`` does not run.
+    """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+    kernel = "int_mm"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, kernel: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(
-            torch.empty(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
-        )
-        self.scale = nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE, device=device), requires_grad=False)
+        if kernel:
+            self.kernel = kernel
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False)
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=ACTIVATION_DTYPE, device=device), requires_grad=False)
+            nn.Parameter(torch.zeros(out_features, dtype=ACTIVATION_DTYPE, device=device), requires_grad=False)
             if bias
             else None
         )
@@ -80,17 +81,28 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(ACTIVATION_DTYPE)
-        if self.kernel == "int8pack":
-            y = torch._weight_int8pack_mm(rows, self.weight, self.scale)
+        rows = x.reshape(-1, self.in_features)
+        if self.kernel == "int_mm":
+            rows = rows.float()
+            step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+            y = torch._int_mm(torch.round(rows / step).to(torch.int8), self.weight.t()) * step * self.scale
         else:
-            y = (rows @ self.weight.to(ACTIVATION_DTYPE).t()) * self.scale
+            y = torch._weight_int8pack_mm(rows.to(ACTIVATION_DTYPE), self.weight, self.scale.to(ACTIVATION_DTYPE))
+        y = y.to(ACTIVATION_DTYPE)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+KERNELS = ("int_mm", "int8pack")
+
+
+def best_kernel() -> str:
+    """The first kernel of :data:`KERNELS` that runs on this machine."""
+    return next((kernel for kernel in KERNELS if _runs(kernel)), KERNELS[-1])
 
 
 Int8Linear.kernel = best_kernel()

@@ -552,8 +552,8 @@ def test_no_question_on_a_terminal(env, model):
         ("--top-k", "-3", "0 <= top_k <= 100000"),
         ("--repetition-penalty", "0", "0.0 < repetition_penalty"),
         ("--max-new-tokens", "0", "1 <= max_new_tokens"),
-        ("--max-new-tokens", "5000", "max_new_tokens <= 2048"),
-        ("-n", "2048", "1 <= max_new_tokens < 2048"),
+        ("--max-new-tokens", "5000", "1 <= max_new_tokens <= 2047"),
+        ("-n", "2048", "1 <= max_new_tokens <= 2047"),
         ("--seed", "-2", "-1 <= seed"),
     ],
 )

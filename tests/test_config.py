@@ -245,8 +245,8 @@ def test_user_config_that_is_not_utf8(home):
         ("top_p", 0, "0.0 < top_p <= 1.0"),
         ("top_p", 0.0, "0.0 < top_p <= 1.0"),
         ("top_k", -3, "0 <= top_k <= 100000"),
-        ("max_new_tokens", 0, "1 <= max_new_tokens <= 2048"),
-        ("max_new_tokens", 2049, "1 <= max_new_tokens <= 2048"),
+        ("max_new_tokens", 0, "1 <= max_new_tokens <= 2047"),
+        ("max_new_tokens", 2048, "1 <= max_new_tokens <= 2047"),
         ("repetition_penalty", 0, "0.0 < repetition_penalty <= 10.0"),
         ("seed", -2, "-1 <= seed <= 4294967295"),
     ],
@@ -276,7 +276,7 @@ def test_non_finite_temperature_is_refused(raw):
 @pytest.mark.parametrize(
     "key, value",
     [("temperature", 0), ("temperature", 5), ("top_p", 1), ("top_p", 1e-9), ("top_k", 0), ("max_new_tokens", 1),
-     ("max_new_tokens", 2048), ("seed", -1), ("seed", 2**32 - 1)],
+     ("max_new_tokens", 2047), ("seed", -1), ("seed", 2**32 - 1)],
 )  # fmt: skip
 def test_range_edges_are_allowed(key, value):
     assert config.check(key, value) == value

@@ -51,7 +51,7 @@ def load(folder: Path, tok: Tokenizer, cache: Path) -> Engine:
     return Engine.load(folder, "memorized", tok, "cpu", "auto", "auto", cache)
 
 
-@pytest.mark.parametrize("kernel", ["int8pack", "dequantize"])
+@pytest.mark.parametrize("kernel", int8.KERNELS)
 def test_both_kernels_give_the_memorized_replies(memorized_model, tok, tmp_path, monkeypatch, kernel):
     monkeypatch.setattr(int8.Int8Linear, "kernel", kernel)
     engine = load(memorized_model, tok, tmp_path)
@@ -60,8 +60,8 @@ def test_both_kernels_give_the_memorized_replies(memorized_model, tok, tmp_path,
     assert replies(engine, tok) == EXPECTED
 
 
-def test_int8pack_is_the_kernel_here():
-    assert int8.best_kernel() == "int8pack" == int8.Int8Linear.kernel
+def test_int_mm_is_the_kernel_here():
+    assert int8.best_kernel() == "int_mm" == int8.Int8Linear.kernel
 
 
 def test_kernels_agree_with_the_dequantized_matmul():
@@ -70,11 +70,11 @@ def test_kernels_agree_with_the_dequantized_matmul():
     module = int8.Int8Linear.quantize(linear)
     x = torch.randn(3, 5, 96)
     want = x.to(torch.bfloat16).float() @ (module.weight.float() * module.scale.float()[:, None]).t() + module.bias.float()
-    for kernel in ("int8pack", "dequantize"):
+    for kernel in int8.KERNELS:
         module.kernel = kernel
-        got = module(x)
+        got = module(x.to(torch.bfloat16))
         assert got.shape == (3, 5, 40) and got.dtype == torch.bfloat16
-        assert torch.allclose(got.float(), want, atol=0.05, rtol=0.02)
+        assert ((got.float() - want).norm() / want.norm()) < 0.02
 
 
 def test_quantize_weight_error_is_half_a_step_per_row():
@@ -104,7 +104,7 @@ def test_the_cache_is_aligned_and_holds_only_int8_linears(memorized_model, tok, 
     (path,) = (tmp_path / "int8").iterdir()
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad")}
     assert all(v.data_ptr() % 64 == 0 for v in state.values())
-    assert state["lm_head.weight"].dtype == torch.int8 and state["lm_head.scale"].dtype == torch.bfloat16
+    assert state["lm_head.weight"].dtype == torch.int8 and state["lm_head.scale"].dtype == torch.float32
     assert state["gpt_neox.embed_in.weight"].dtype == torch.bfloat16
     assert "embed_out.weight" not in state
 
