@@ -312,8 +312,10 @@ def report(results: dict) -> str:
     if stream:
         lines += [
             "",
-            f"Streaming: rendering {stream['tokens']:,} tokens with `ReplyView` (terminal, to /dev/null) adds "
-            f"{stream['median_overhead_pct']:.1f} % to generation time on the tiny random model: the median of "
+            f"Streaming: rendering {stream['tokens']:,} tokens with `ReplyView` (terminal, to /dev/null) spends "
+            f"{stream['render_s'] * 1000:.1f} ms inside the renderer, {stream['render_pct']:.2f} % of the generation "
+            f"time on the tiny random model. Timing whole generations with and without it gives "
+            f"{stream['median_overhead_pct']:.1f} %, the median of "
             f"{len(stream['overhead_pct'])} interleaved pairs (per pair: "
             + ", ".join(f"{x:.1f}" for x in stream["overhead_pct"])
             + f" %); fastest against fastest {stream['min_overhead_pct']:.1f} % "

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteria
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
@@ -64,7 +65,7 @@ def resolve_device(name: str) -> str:
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """``auto`` is float16 on a GPU and bfloat16 on the CPU (half the memory, twice the decode speed of float32)."""
+    """``auto`` is float16 on a GPU and bfloat16 on the CPU (half the memory of float32; used with ``--quantize none``)."""
     if name == "auto":
         return torch.float16 if device in ("cuda", "mps") else torch.bfloat16
     return DTYPES[name]
@@ -82,8 +83,8 @@ def resolve_quantize(name: str, device: str, dtype: str) -> bool:
     if name == "int8":
         if device != "cpu":
             raise UsageError(f"--quantize int8 runs on the CPU only (device is {device}); use --quantize none")
-        if dtype not in ("auto", "bfloat16"):
-            raise UsageError(f"--quantize int8 computes in bfloat16; drop --dtype {dtype} or use --quantize none")
+        if dtype not in ("auto", "float32"):
+            raise UsageError(f"--quantize int8 computes in float32; drop --dtype {dtype} or use --quantize none")
         return True
     return name == "auto" and device == "cpu" and dtype == "auto"
 
@@ -133,6 +134,49 @@ def _load_int8(folder: Path, files: list[Path], cache_dir: Path | None, progress
             "free some space there or use --quantize none"
         ) from None
     return int8.load(config, path)
+
+
+class _GrowingLayer(DynamicLayer):
+    """A :class:`DynamicLayer` that writes each step into spare room instead of concatenating.
+
+    transformers' layer copies the whole cache on every generated token (``torch.cat``),
+    half the decode time at a 600-token context on a CPU; here the keys and values are
+    views into buffers that grow by :data:`GROWTH` tokens at a time. Cropping (inherited)
+    shortens the views; the room stays for the next turn.
+    """
+
+    GROWTH = 512
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._buffers = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        needed = used + key_states.shape[-2]
+        if self._buffers is None or needed > self._buffers[0].shape[-2]:
+            room = -(-needed // self.GROWTH) * self.GROWTH
+            buffers = tuple(
+                new.new_empty((*new.shape[:-2], room, new.shape[-1])) for new in (key_states, value_states)
+            )
+            if used:
+                buffers[0][..., :used, :] = self.keys
+                buffers[1][..., :used, :] = self.values
+            self._buffers = buffers
+        keys, values = self._buffers
+        keys[..., used:needed, :] = key_states
+        values[..., used:needed, :] = value_states
+        self.keys, self.values = keys[..., :needed, :], values[..., :needed, :]
+        return self.keys, self.values
+
+
+class _GrowingCache(DynamicCache):
+    """A :class:`DynamicCache` of :class:`_GrowingLayer` layers."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=_GrowingLayer)
 
 
 class _Stop(StoppingCriteria):
@@ -241,7 +285,7 @@ class Engine:
         while shared < limit and self._cached_ids[shared] == prompt_ids[shared]:
             shared += 1
         if self._cache is None or shared == 0:
-            self._cache, self._cached_ids = DynamicCache(), []
+            self._cache, self._cached_ids = _GrowingCache(), []
             return 0
         if shared < self._cache.get_seq_length():
             self._cache.crop(shared - self._cache.get_seq_length())

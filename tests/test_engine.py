@@ -199,6 +199,21 @@ def test_undo_and_retry_flows_match_a_fresh_start(fresh, tok):
     assert first_again.text == hanako[0][1] and first_again.prefilled_tokens == 1
 
 
+def test_the_cache_grows_in_place_across_its_room(fresh, tok, monkeypatch):
+    """With tiny growth steps every turn crosses a buffer boundary: replies and ids stay exact."""
+    from rinna_cli import engine as engine_module
+
+    monkeypatch.setattr(engine_module._GrowingLayer, "GROWTH", 3)
+    fresh.forget()
+    reused = run_conversation(fresh, tok, CONVERSATIONS[5])
+    layer = fresh._cache.layers[0]
+    assert layer.keys.shape[-2] == len(fresh._cached_ids)
+    assert layer.keys.data_ptr() == layer._buffers[0].data_ptr()  # a view into the buffer, not a copy
+    scratch = run_conversation(fresh, tok, CONVERSATIONS[5], forget=True)
+    assert [r.ids for r in reused] == [r.ids for r in scratch]
+    assert [r.text for r in reused] == [answer for _, answer in CONVERSATIONS[5]]
+
+
 def test_switching_between_unrelated_prompts_keeps_replies_exact(fresh, tok):
     order = [0, 1, 2, 3, 0, 3, 2, 1]
     for index in order:
