@@ -15,7 +15,6 @@ name and renamed when complete; an existing folder is reused.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -84,35 +83,10 @@ def folder_for(layers: int, root: Path | None = None) -> Path:
 
 
 def _train(lines: list[str], padding: int) -> bytes:
-    """rinna's sentencepiece options (as tests/fixtures/models.py's train_spm) plus ``padding`` filler pieces."""
-    import sentencepiece as spm
+    """rinna's sentencepiece options plus ``padding`` filler pieces."""
+    from tests.fixtures.models import train_spm
 
-    writer = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(lines)),
-        model_writer=writer,
-        model_type="unigram",
-        vocab_size=VOCAB_SIZE,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        split_by_whitespace=True,
-        user_defined_symbols=["<NL>"] + [f"<x{i}>" for i in range(padding)],
-        pad_id=0,
-        pad_piece="[PAD]",
-        unk_id=1,
-        unk_piece="<unk>",
-        bos_id=2,
-        bos_piece="<s>",
-        eos_id=3,
-        eos_piece="</s>",
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return writer.getvalue()
+    return train_spm(lines, VOCAB_SIZE, tuple(f"<x{i}>" for i in range(padding)))
 
 
 def build_tokenizer() -> bytes:

@@ -172,7 +172,7 @@ def run_recipe(args: dict) -> dict:
 def run_cli(args: dict) -> dict:
     import inspect
 
-    torch = _torch(args["threads"])
+    _torch(args["threads"])
     from benchmarks.script import MESSAGES, SEED, TEMPERATURE
     from rinna_cli.engine import Engine
     from rinna_cli.session import Conversation

@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import urllib.parse
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -203,6 +203,3 @@ def load(flags: dict | None = None, environ: dict | None = None, warn=None) -> S
             values[key] = check(key, value, f"--{key.replace('_', '-')}")
     return Settings(**values)
 
-
-def as_dict(settings: Settings) -> dict:
-    return asdict(settings)

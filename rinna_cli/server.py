@@ -40,7 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rinna_cli import config
 from rinna_cli.errors import RinnaError, UsageError
-from rinna_cli.prompt import SYSTEM, USER, encode_newlines
+from rinna_cli.prompt import USER, encode_newlines
 from rinna_cli.session import Conversation, Reply
 
 MAX_BODY = 4 << 20  # bytes of JSON a request may send

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -117,7 +119,7 @@ def test_every_key_has_an_environment_variable(home):
         "RINNA_API_KEY_ENV": "GPU_BOX_KEY",
     }
     settings, _ = load(environ=environ)
-    assert config.as_dict(settings) == {
+    assert dataclasses.asdict(settings) == {
         "model": "ppo",
         "device": "cpu",
         "dtype": "bfloat16",
