@@ -114,7 +114,9 @@ def _load_int8(folder: Path, files: list[Path], cache_dir: Path | None, progress
         progress("loading int8 weights")
         try:
             return int8.load(AutoConfig.from_pretrained(folder), path)
-        except Exception:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            if _is_oom(err):
+                raise
             path.unlink(missing_ok=True)
     progress("quantizing to int8 (first start only)")
     config = AutoConfig.from_pretrained(folder)

@@ -28,6 +28,12 @@ def expand(name: str) -> str:
     return ALIASES.get(name, name)
 
 
+def canonical(name: str) -> str:
+    """One spelling per model: aliases expanded, folders as resolved absolute paths."""
+    name = expand(name)
+    return str(Path(name).expanduser().resolve()) if _is_path(name) else name
+
+
 def _is_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from rinna_cli import commands, store
+from rinna_cli import commands, hub, store
 from rinna_cli.config import GENERATION_KEYS, Settings
 from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.interrupt import sigint_sets
@@ -77,12 +77,18 @@ class Chat:
         if self.log and count:
             self.log.append({"type": "undo", "count": count})
 
+    def _keep_start_in_reach(self) -> None:
+        """After turns were removed, the prompt starts no later than the last user turn (``fit`` moves it on)."""
+        users = [i for i, turn in enumerate(self.conversation.turns) if turn.speaker == USER]
+        self.start = min(self.start, users[-1] if users else 0)
+
     def reply(self, new_message: bool = True) -> None:
         """Generate the reply to the conversation as it stands, streaming it.
 
         ``new_message``: the last turn is a message just typed, withdrawn again
         if it cannot fit the window (a ``/retry`` keeps the turn it answers).
         """
+        self._keep_start_in_reach()
         room = self.engine.window - self.settings.max_new_tokens
         try:
             start = self.conversation.fit(room, self.start)
@@ -143,7 +149,7 @@ class Chat:
     def _undo(self) -> None:
         count = self.conversation.undo()
         self._forget(count)
-        self.start = min(self.start, len(self.conversation.turns))
+        self._keep_start_in_reach()
         self.notice("removed the last exchange" if count else "nothing to undo")
 
     def _retry(self) -> None:
@@ -178,7 +184,7 @@ class Chat:
     def replace(self, loaded: store.Loaded) -> None:
         """Continue ``loaded`` instead of the current conversation (saved ids kept for the same model)."""
         conversation = Conversation(self.engine.tokenizer)
-        same_model = loaded.model == self.engine.name
+        same_model = loaded.model is not None and hub.canonical(loaded.model) == hub.canonical(self.engine.name)
         for index, (speaker, text, ids, interrupted) in enumerate(loaded.turns):
             turn = conversation.restore(speaker, text, ids if same_model else None, interrupted)
             if index < len(loaded.times) and loaded.times[index] is not None:

@@ -361,3 +361,12 @@ def test_model_aliases(name, repo):
 
 def test_default_model_is_the_sft_alias():
     assert hub.expand("sft") == hub.DEFAULT_MODEL == DEFAULT_MODEL
+
+
+def test_canonical_model_names_match_across_spellings(tmp_path, monkeypatch):
+    assert hub.canonical("sft") == hub.canonical("rinna/japanese-gpt-neox-3.6b-instruction-sft")
+    assert hub.canonical("ppo") != hub.canonical("sft")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert hub.canonical("./model") == hub.canonical(str(folder)) == str(folder.resolve())

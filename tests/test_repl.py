@@ -406,6 +406,23 @@ def small_window_harness(tokenizer, log=None) -> Harness:
     return Harness(tokenizer, ["こんにちは、太郎さん。"] * 20, window=64, settings=settings, log=log)
 
 
+def test_undo_and_retry_after_a_drop_still_send_a_user_turn(tokenizer):
+    h = small_window_harness(tokenizer)
+    for message in ["私の名前は太郎です。", "私の名前は何ですか?", "今日はいい天気ですね。", "ありがとうございます。"]:
+        h.send(message)
+        if h.chat.start:
+            break
+    assert h.chat.start == 2  # the first exchange no longer fits
+    while len(h.chat.conversation.turns) > 2:
+        h.send("/undo")  # back to the first exchange alone: only turns that were left out remain
+    h.send("/retry")
+    kept = h.chat.conversation.turns[h.chat.start : -1]
+    assert kept and kept[0].speaker == USER
+    assert h.engine.prompt_text() == format_prompt([(t.speaker, t.text) for t in kept])
+    h.send("次の質問です。")
+    assert h.engine.prompt_text().startswith("ユーザー: ")
+
+
 def test_oldest_exchanges_are_left_out_with_one_notice_per_drop(tokenizer):
     h = small_window_harness(tokenizer)
     room = 64 - 16
