@@ -28,6 +28,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.script import MESSAGES  # noqa: E402
+from tests.fixtures.models import SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, train_spm  # noqa: E402
 
 FORMAT = "v1"  # bump when the folder's contents change, so that old caches are not reused
 FULL_LAYERS = 36
@@ -56,19 +57,6 @@ RINNA_CONFIG = {
     "transformers_version": "4.26.0",
 }
 
-TOKENIZER_CONFIG = {
-    "tokenizer_class": "T5Tokenizer",
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "unk_token": "<unk>",
-    "pad_token": "[PAD]",
-    "extra_ids": 0,
-    "do_lower_case": False,
-    "sp_model_kwargs": {},
-    "model_max_length": 2048,
-}
-SPECIAL_TOKENS_MAP = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "[PAD]"}
-
 # transformers 5 calls rinna's output head lm_head; rinna's checkpoint (and transformers 4) embed_out.
 CHECKPOINT_NAMES = {"lm_head.weight": "embed_out.weight"}
 
@@ -84,8 +72,6 @@ def folder_for(layers: int, root: Path | None = None) -> Path:
 
 def _train(lines: list[str], padding: int) -> bytes:
     """rinna's sentencepiece options plus ``padding`` filler pieces."""
-    from tests.fixtures.models import train_spm
-
     return train_spm(lines, VOCAB_SIZE, tuple(f"<x{i}>" for i in range(padding)))
 
 
