@@ -7,6 +7,8 @@ TORCH_CPU := torch==2.13.0
 # the `torch` range in pyproject.toml does not pull a multi-GB CUDA build. Point
 # TORCH_INDEX at PyTorch's CPU wheel index if your pip does not find a CPU wheel.
 TORCH_INDEX ?=
+# Options for `make chat`, e.g. make chat ARGS="--model sft-v2".
+ARGS ?=
 
 .PHONY: chat test install clean
 
@@ -21,13 +23,17 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 chat: install
-	$(BIN)/rinna chat
+	$(BIN)/rinna chat $(ARGS)
 
+# Lint, format and types first (seconds), then the suite.
 test: install
+	$(BIN)/ruff check rinna_cli
+	$(BIN)/ruff format --check rinna_cli
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache
 
 # Benchmarks (benchmarks/bench.py; docs/benchmarks.md says what they measure). `bench` builds
 # a random-weight model of rinna's full shape once (7.2 GB, cached in ~/.cache/rinna-cli-bench)

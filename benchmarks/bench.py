@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks import cpu as cpu_paths  # noqa: E402
 from benchmarks import model as bench_model  # noqa: E402
 from benchmarks.script import MESSAGES, SEED, TEMPERATURE  # noqa: E402
 
@@ -322,18 +323,36 @@ def report(results: dict) -> str:
             f"({stream['min_rendered_s']:.2f} s vs {stream['min_plain_s']:.2f} s); "
             f"in CPU time {stream['cpu_overhead_pct']:.1f} %.",
         ]
+    if results.get("cpu_paths"):
+        lines += ["", cpu_paths.markdown(results["cpu_paths"])]
     notes = results.get("notes")
     if notes:
         lines += [""] + [f"Note: {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the text between the bench markers of ``path`` (creating the file with an introduction)."""
+def cpu_class() -> str:
+    """The CPU class a run belongs to: model name, torch's vector capability, AMX or not (Zen 3 and Zen 5 share a name)."""
+    import torch
+
+    name, flags = cpu_paths.cpu_flags()
+    amx = " AMX" if any(flag.startswith("amx") for flag in flags) else ""
+    return f"{name} / {torch.backends.cpu.get_cpu_capability()}{amx}"
+
+
+def write_section(path: Path, section: str, key: str) -> None:
+    """Replace the run of CPU class ``key`` in ``path`` (between its bench markers), keeping other classes' runs.
+
+    The first run ever written (before runs were kept per class) has bare markers and is kept too.
+    """
     text = path.read_text(encoding="utf-8") if path.is_file() else INTRO
-    block = f"{BEGIN}\n{section}{END}"
-    if BEGIN in text and END in text and text.index(BEGIN) < text.index(END):
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    begin, end = f"<!-- bench:begin {key} -->", f"<!-- bench:end {key} -->"
+    block = f"{begin}\n{section}{end}"
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
+    elif "<!-- bench:begin" in text:  # newest class first, after the intro
+        start = text.index("<!-- bench:begin")
+        text = text[:start] + block + "\n\n" + text[start:]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -354,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-recipe", action="store_true", help="leave out the card recipe (the slow path)")
     parser.add_argument("--skip-startup", action="store_true")
     parser.add_argument("--skip-stream", action="store_true")
+    parser.add_argument("--skip-cpu", action="store_true", help="leave out the quantized paths (benchmarks/cpu.py)")
+    parser.add_argument("--cpu-rounds", type=int, default=2, help="interleaved rounds of the quantized paths")
     parser.add_argument("--startup-runs", type=int, default=5)
     parser.add_argument("--stream-tokens", type=int, default=1000)
     parser.add_argument("--stream-repeats", type=int, default=9)
@@ -437,6 +458,10 @@ def main(argv: list[str] | None = None) -> int:
             "stream", {"tokens": args.stream_tokens, "repeats": args.stream_repeats, "threads": 1}, env
         )
 
+    if not args.skip_cpu:
+        log("quantized CPU paths: first starts, kernels chosen, int8 / int4 / bfloat16 interleaved (benchmarks/cpu.py)")
+        results["cpu_paths"] = cpu_paths.collect(args.layers, args.cpu_rounds, args.threads)
+
     results["load_after"] = load_average()
     try:
         busy = float(results["load_before"].split("/")[0])
@@ -452,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
     if args.write:
-        write_section(args.write, text)
+        write_section(args.write, text, cpu_class())
         log(f"wrote {args.write}")
     return 0
 

@@ -228,9 +228,8 @@ def run_cli(args: dict) -> dict:
     )
     weights = engine.dtype or "?"
     if engine.dtype == "int8":
-        from rinna_cli.int8 import Int8Linear
-
-        weights = f"int8 ({Int8Linear.kernel} kernel)"
+        head = model.get_output_embeddings()
+        weights = f"int8 (decode {head.decode}, prefill {head.prefill})"
     return {
         "path": "cli",
         "weights": weights,

@@ -1,321 +1,245 @@
-"""The ``rinna`` command: wires input, session, engine and output together.
+"""The ``rinna`` command: declares the commands and their shared options, and hands over to
+:mod:`.ask`, :mod:`.chat`, :mod:`.batch` and :mod:`.serve.command` (``--version``: :mod:`.about`).
+Arguments that are not UTF-8 are refused here, by option name, before any command sees them.
 
-torch and transformers are imported only by commands that load the weights.
+torch and transformers are imported only by commands that load the weights. Every command
+runs in an :class:`~rinna_cli.environment.Environment` (``ctx.obj``): :func:`run` takes one,
+so tests run commands in-process with their own streams and engine.
 """
 
-from __future__ import annotations
-
-import json
+import functools
+import inspect
 import os
 import sys
-import threading
-import time
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional, get_type_hints
 
 import typer
 
-from rinna_cli import config, hub
-from rinna_cli.errors import RinnaError, UsageError
-from rinna_cli.inputs import compose_question, read_stdin
-from rinna_cli.prompt import encode_newlines
-from rinna_cli.render import ReplyView, err_console, escape_controls, is_tty
-from rinna_cli.session import Conversation, Reply
-from rinna_cli.tokenizer import Tokenizer
+from rinna_cli import config
+from rinna_cli.environment import Environment
+from rinna_cli.errors import RinnaError
+from rinna_cli.inputs import check_text
 
+HELP_OPTIONS = ["-h", "--help"]
 app = typer.Typer(
     name="rinna",
     help="Chat with rinna's Japanese GPT-NeoX instruction models (rinna/japanese-gpt-neox-3.6b-instruction-*).",
-    no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings={"help_option_names": HELP_OPTIONS},
+)
+# Under each command's options: where the defaults shown come from.
+DEFAULTS_EPILOG = (
+    "Defaults shown are the shipped ones; your config.toml and RINNA_* variables override them "
+    "(rinna --version shows where the config is)."
 )
 
-ModelOpt = Annotated[
-    Optional[str],
-    typer.Option("--model", "-m", help="Hub id, local folder, or alias sft / sft-v2 / ppo. [default: from config]"),
-]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | mps")]
-DtypeOpt = Annotated[Optional[str], typer.Option(help="auto | float32 | bfloat16 | float16")]
-QuantizeOpt = Annotated[
-    Optional[str], typer.Option(help="auto | int8 | none; auto = int8 weights on the CPU (cached after the first start)")
-]
-TemperatureOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help="0 = greedy. [default: 0.7]")]
-TopPOpt = Annotated[Optional[float], typer.Option(help="Nucleus sampling, 0 < p <= 1. [default: 1.0]")]
-TopKOpt = Annotated[Optional[int], typer.Option(help="Top-k sampling, 0 = off. [default: 50]")]
-RepetitionOpt = Annotated[Optional[float], typer.Option(help="1 = off. [default: 1.0]")]
-MaxNewOpt = Annotated[Optional[int], typer.Option("--max-new-tokens", "-n", help="[default: 128]")]
-SeedOpt = Annotated[Optional[int], typer.Option(help="Same seed + same options = same reply; -1 = random.")]
-EndpointOpt = Annotated[
-    Optional[str],
-    typer.Option(
-        help="Generate on this OpenAI-compatible server (vLLM, `rinna serve`), e.g. http://host:8000/v1; "
-        "the prompt is still tokenized here. '' = the local model. [env: RINNA_ENDPOINT]"
-    ),
-]
-ApiKeyEnvOpt = Annotated[
-    Optional[str],
-    typer.Option(help="The environment variable holding the endpoint's API key (sent as a Bearer token). [default: RINNA_API_KEY]"),
-]
+# Shared option groups: each becomes a settings flag of the same name. Its default in --help is the
+# shipped one; only an option given on the command line overrides the config (see settings_from).
+SHIPPED = config.shipped_defaults()
+MODEL_OPTIONS: dict[str, Any] = {
+    "model": Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or alias sft / sft-v2 / ppo.")],
+}
+LOAD_OPTIONS: dict[str, Any] = {
+    "device": Annotated[str, typer.Option(help="auto | cpu | cuda | mps; auto = cuda, then mps, then cpu.")],
+    "dtype": Annotated[
+        str, typer.Option(help="auto | float32 | bfloat16 | float16; auto = float16 on a GPU, bfloat16 on the CPU.")
+    ],
+    "quantize": Annotated[
+        str, typer.Option(help="auto | int8 | none; auto = int8 weights on the CPU (cached after the first start).")
+    ],
+}
+SAMPLING_OPTIONS: dict[str, Any] = {
+    "temperature": Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")],
+    "top_p": Annotated[float, typer.Option(help="Nucleus sampling, 0 < p <= 1 (1 = off).")],
+    "top_k": Annotated[int, typer.Option(help="Top-k sampling, 0 = off.")],
+    "repetition_penalty": Annotated[float, typer.Option(help="1 = off.")],
+    "max_new_tokens": Annotated[int, typer.Option("--max-new-tokens", "-n", help="Most tokens to generate.")],
+    "seed": Annotated[int, typer.Option(help="Same seed + same options = same reply; -1 = random.")],
+}
+ENDPOINT_OPTIONS: dict[str, Any] = {
+    "endpoint": Annotated[
+        str,
+        typer.Option(
+            help="Generate on this OpenAI-compatible server (vLLM, `rinna serve`), e.g. http://host:8000/v1; "
+            "the prompt is still tokenized here. '' (the default) = the local model."
+        ),
+    ],
+    "api_key_env": Annotated[
+        str,
+        typer.Option(help="The environment variable holding the endpoint's API key (sent as a Bearer token)."),
+    ],
+}
+GENERATE_OPTIONS = (MODEL_OPTIONS, LOAD_OPTIONS, SAMPLING_OPTIONS, ENDPOINT_OPTIONS)
 
 
-def _settings(**flags) -> config.Settings:
-    return config.load(flags)
+def _check_arguments(ctx: typer.Context, environ: Mapping[str, str]) -> None:
+    """Refuses arguments (and RINNA_* settings) that are not UTF-8, by the option's name, before any use."""
+    for param in ctx.command.params:
+        values = ctx.params.get(param.name or "")
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if isinstance(value, (str, Path)):
+                is_option = param.param_type_name == "option"
+                option = max(param.opts, key=len) if is_option else f"the {param.name} argument"
+                check_text(option, str(value))
+    for key in config.KEYS:
+        name = f"RINNA_{key.upper()}"
+        check_text(name, environ.get(name, ""))
 
 
-def _tokenizer(settings: config.Settings) -> tuple[Path, Tokenizer]:
-    folder = hub.locate(settings.model)
-    return folder, Tokenizer.from_folder(folder)
+def settings_from(*groups: dict[str, Any]) -> Callable:
+    """Adds the options of ``groups`` to a command; it receives them merged into ``settings`` and ``env`` from ``ctx``.
+
+    In ``--help`` the shared options come first, in the groups' order, then the command's own.
+    """
+    names = [name for group in groups for name in group]
+
+    def decorate(command: Callable) -> Callable:
+        hints = get_type_hints(command, include_extras=True)
+        own = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in inspect.signature(command).parameters.values()
+            if p.name not in ("env", "settings")
+        ]
+        shared = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=SHIPPED.get(name), annotation=annotation)
+            for group in groups
+            for name, annotation in group.items()
+        ]
+        context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+
+        @functools.wraps(command)
+        def wrapper(ctx: typer.Context, **values: Any) -> Any:
+            _check_arguments(ctx, ctx.obj.environ)
+            given = {name: values.pop(name) for name in names}
+            flags = {name: value for name, value in given.items() if _on_command_line(ctx, name)}
+            return command(ctx.obj, config.load(flags, ctx.obj.environ, ctx.obj.warn), **values)
+
+        own_hints = {p.name: hints[p.name] for p in own if p.name in hints}
+        wrapper.__annotations__ = {**own_hints, **{p.name: p.annotation for p in shared}, "ctx": typer.Context}
+        wrapper.__signature__ = inspect.Signature([*shared, *own, context])  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
 
 
-def _stdin_piped() -> bool:
-    return not is_tty(sys.stdin)
+def _on_command_line(ctx: typer.Context, name: str) -> bool:
+    """Whether option ``name`` was given (not its default: the config, environment and defaults decide then)."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name == "COMMANDLINE"
 
 
-@app.command()
+@app.callback(invoke_without_command=True)
+def rinna(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            is_eager=True,
+            help="Print the versions of rinna-cli, Python, torch, transformers and sentencepiece, "
+            "and where the config, sessions and caches are.",
+        ),
+    ] = False,
+) -> None:
+    """``rinna --version``; ``rinna`` alone prints the help (exit 0)."""
+    if version:
+        from rinna_cli.about import version_text
+
+        print(version_text(), file=ctx.obj.stdout)
+        raise typer.Exit(0)
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())  # as --help does (typer's Rich help writes to the process's stdout)
+        raise typer.Exit(0)
+
+
+@app.command(epilog=DEFAULTS_EPILOG)
+@settings_from(MODEL_OPTIONS)
 def tokenize(
+    env: Environment,
+    settings: config.Settings,
     text: Annotated[Optional[str], typer.Argument(help="Text to tokenize; '-' or none reads standard input.")] = None,
-    model: ModelOpt = None,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object: text, tokens, ids, count.")] = False,
-    count: Annotated[bool, typer.Option("--count", help="Print only the number of tokens.")] = False,
+    count: Annotated[
+        bool, typer.Option("--count", help="Print only the number of tokens (with --json: an object with count).")
+    ] = False,
 ) -> None:
     """Show how rinna's sentencepiece tokenizer splits TEXT (newlines become <NL>, as in every prompt)."""
-    settings = _settings(model=model)
-    if text in (None, "-"):
-        if not _stdin_piped():
-            raise UsageError("no text: pass it as an argument or on standard input")
-        text = read_stdin(1 << 24)
-        text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-    _, tokenizer = _tokenizer(settings)
-    text = encode_newlines(text)
-    ids = tokenizer.encode(text)
-    pieces = tokenizer.pieces(ids)
-    if count:
-        print(len(ids))
-    elif json_:
-        print(json.dumps({"text": text, "tokens": pieces, "ids": ids, "count": len(ids)}, ensure_ascii=False))
-    elif is_tty(sys.stdout):
-        from rich.console import Console
-        from rich.table import Table
+    from rinna_cli.ask import tokenize
 
-        table = Table("#", "piece", "id", caption=f"{len(ids)} tokens", highlight=False)
-        for index, (piece, pid) in enumerate(zip(pieces, ids)):
-            table.add_row(str(index), escape_controls(piece), str(pid))
-        Console(highlight=False, markup=False).print(table)
-    else:
-        sys.stdout.write("".join(f"{i}\t{p}\t{pid}\n" for i, (p, pid) in enumerate(zip(pieces, ids))))
+    tokenize(env, settings, text, json_, count)
 
 
-def load_engine(settings: config.Settings, tokenizer: Tokenizer):
-    """Fetch the weights if needed and load them, with a spinner on a terminal's stderr."""
-    status = err_console().status(f"Loading {settings.model} …") if is_tty(sys.stderr) else None
-    with status or nullcontext():
-        folder = hub.locate(settings.model, weights=True)
-        from rinna_cli.engine import Engine
-
-        return Engine.load(
-            folder,
-            settings.model,
-            tokenizer,
-            settings.device,
-            settings.dtype,
-            settings.quantize,
-            progress=lambda step: status and status.update(f"Loading {settings.model}: {step} …"),
-        )
-
-
-def check_fits(prompt_tokens: int, max_new_tokens: int, window: int) -> None:
-    """Refuse a prompt that cannot fit in the window together with the reply."""
-    if max_new_tokens >= window:
-        raise UsageError(f"max_new_tokens = {max_new_tokens} is out of range; allowed: 1 <= max_new_tokens < {window}")
-    room = window - max_new_tokens
-    if prompt_tokens > room:
-        raise UsageError(
-            f"the prompt is {prompt_tokens} tokens; with max_new_tokens = {max_new_tokens} at most {room} "
-            f"fit in the model's {window}-token window"
-        )
-
-
-def open_engine(settings: config.Settings, tokenizer: Tokenizer, window: int):
-    """The local engine, or with ``endpoint`` set a remote one (checked to answer) that takes the same calls."""
-    if not settings.endpoint:
-        return load_engine(settings, tokenizer)
-    from rinna_cli.remote import connect
-
-    return connect(settings, tokenizer, window)
-
-
-def _stats_line(reply: Reply) -> str:
-    return (
-        f"{reply.completion_tokens} tokens, prompt {reply.prompt_tokens} "
-        f"({reply.prefilled_tokens} prefilled), first token {reply.ttft_s:.2f} s, {reply.tokens_per_s:.1f} tokens/s"
-    )
-
-
-@app.command()
+@app.command(epilog=DEFAULTS_EPILOG)
+@settings_from(*GENERATE_OPTIONS)
 def ask(
+    env: Environment,
+    settings: config.Settings,
     question: Annotated[
         Optional[str],
-        typer.Argument(help="The question. With text on standard input too, this is the instruction and stdin the material."),
+        typer.Argument(
+            help="The question. With text on standard input too, this is the instruction and stdin the material."
+        ),
     ] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepetitionOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    seed: SeedOpt = None,
-    endpoint: EndpointOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
-    json_: Annotated[bool, typer.Option("--json", help="Print one JSON object after generation.")] = False,
+    json_: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object after generation (also after Ctrl-C).")
+    ] = False,
     stats: Annotated[bool, typer.Option("--stats", help="Tokens, time to first token and tokens/s on stderr.")] = False,
     show_prompt: Annotated[
-        bool, typer.Option("--show-prompt", help="Print the exact prompt and its token count; load no weights.")
+        bool,
+        typer.Option(
+            "--show-prompt",
+            help="Print the exact prompt and its token count, and whether it fits the window; load no weights.",
+        ),
     ] = False,
 ) -> int:
     """Ask one question; the reply streams to stdout (plain text when piped)."""
-    settings = _settings(
-        model=model, device=device, dtype=dtype, quantize=quantize, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
-        endpoint=endpoint, api_key_env=api_key_env,
-    )  # fmt: skip
-    folder, tokenizer = _tokenizer(settings)
-    window = hub.context_window(hub.read_config(folder))
-    piped = None
-    if question in (None, "-") or _stdin_piped():
-        if not _stdin_piped():
-            raise UsageError("no question: pass it as an argument or on standard input")
-        piped = read_stdin(window * tokenizer.max_piece_bytes)
-        question = None if question == "-" else question
-    conversation = Conversation(tokenizer)
-    conversation.add_user(compose_question(question, piped))
-    prompt_ids = conversation.prompt_ids()
-    if show_prompt:
-        print(conversation.prompt_text())
-        err_console().print(f"{len(prompt_ids)} tokens", markup=False)
-        return 0
-    check_fits(len(prompt_ids), settings.max_new_tokens, window)
-    engine = open_engine(settings, tokenizer, window)
-    view = ReplyView()
-    stop = threading.Event()
-    from rinna_cli.interrupt import sigint_sets
+    from rinna_cli.ask import ask
 
-    with sigint_sets(stop):
-        reply = engine.generate(prompt_ids, settings.generation(), on_text=view.write if not json_ else lambda _: None, stop=stop)
-    if json_ and reply.finish_reason != "interrupted":
-        fields = {
-            "reply": reply.text,
-            "model": settings.model,
-            "prompt_tokens": reply.prompt_tokens,
-            "completion_tokens": reply.completion_tokens,
-            "finish_reason": reply.finish_reason,
-            "ttft_s": round(reply.ttft_s, 4),
-            "tokens_per_s": round(reply.tokens_per_s, 2),
-        }
-        print(json.dumps(fields, ensure_ascii=False))
-    elif not json_:
-        view.end("interrupted" if reply.finish_reason == "interrupted" else None)
-    if stats:
-        err_console().print(_stats_line(reply), markup=False, style="dim")
-    return 130 if reply.finish_reason == "interrupted" else 0
+    return ask(env, settings, question, json_, stats, show_prompt)
 
 
-def _writable(path: Path) -> bool:
-    """Whether ``path`` can be appended to (created, private to the user, if missing)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-        return True
-    except OSError:
-        return False
-
-
-@app.command()
+@app.command(epilog=DEFAULTS_EPILOG)
+@settings_from(*GENERATE_OPTIONS)
 def chat(
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
-    temperature: TemperatureOpt = None,
-    top_p: TopPOpt = None,
-    top_k: TopKOpt = None,
-    repetition_penalty: RepetitionOpt = None,
-    max_new_tokens: MaxNewOpt = None,
-    seed: SeedOpt = None,
-    endpoint: EndpointOpt = None,
-    api_key_env: ApiKeyEnvOpt = None,
+    env: Environment,
+    settings: config.Settings,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the last chat session.")] = False,
     load: Annotated[Optional[Path], typer.Option("--load", help="Continue a transcript saved with /save.")] = None,
 ) -> int:
     """Chat in a multi-turn conversation. Piped standard input: one user turn per line."""
-    import signal
+    from rinna_cli.chat import chat
 
-    from rinna_cli import store
-    from rinna_cli.repl import Chat, run_piped, run_terminal
-
-    settings = _settings(
-        model=model, device=device, dtype=dtype, quantize=quantize, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
-        endpoint=endpoint, api_key_env=api_key_env,
-    )  # fmt: skip
-    if resume and load:
-        raise UsageError("--resume and --load cannot be used together")
-    folder, tokenizer = _tokenizer(settings)
-    window = hub.context_window(hub.read_config(folder))
-    check_fits(0, settings.max_new_tokens, window)
-    sessions = config.app_dir() / "sessions"
-    resumed = store.latest_log(sessions) if resume else None
-    loaded = store.replay_log(resumed) if resumed else store.load_transcript(load) if load else None
-    engine = open_engine(settings, tokenizer, window)
-
-    errors = err_console()
-
-    def warn(message: str) -> None:
-        errors.print(f"rinna: warning: {message}", markup=False, highlight=False, soft_wrap=True, style="yellow")
-
-    # A resumed or loaded conversation continues in a new session file of its own (its turns
-    # copied first), so two chats never append to the same file.
-    header = {"model": settings.model, "created": time.time()}
-    if resumed or load:
-        header["continues"] = str(resumed or load)
-    log = store.SessionLog.create(sessions, warn, header)
-    interactive = is_tty(sys.stdin)
-    view = ReplyView()
-    if interactive and view.tty:
-        notice = lambda text: view.console.print(text, markup=False, style="dim", highlight=False)  # noqa: E731
-    else:
-        notice = lambda text: errors.print(text, markup=False, highlight=False, soft_wrap=True)  # noqa: E731
-    session = Chat(engine, settings, view, notice, log=log)
-    if loaded:
-        session.replace(loaded)
-        notice(f"continuing {len(loaded.turns)} turns from {resumed or load}")
-    # SIGTERM ends the chat like Ctrl-D would: the terminal is restored on the way out
-    # (every completed turn is already in the session file).
-    def exit_on_sigterm(signum, frame) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
-    if not interactive:
-        return run_piped(session, sys.stdin.buffer)
-    notice(f"{settings.model} on {engine.device} ({engine.dtype}) · /help for commands · Ctrl-D to quit")
-    history = config.app_dir() / "history"
-    if not _writable(history):
-        warn(f"cannot write the input history {history}; it is kept in memory only")
-        history = None
-    return run_terminal(session, history, warn)
+    return chat(env, settings, resume, load)
 
 
-@app.command()
+@app.command(epilog=DEFAULTS_EPILOG)
+@settings_from(*GENERATE_OPTIONS)
+def batch(
+    env: Environment,
+    settings: config.Settings,
+    source: Annotated[
+        Optional[str], typer.Argument(help="Prompts, one a line (text or JSON); '-' or none reads standard input.")
+    ] = None,
+    output: Annotated[
+        Optional[Path],
+        typer.Option("--output", "-o", help="Write the rows to this file; a rerun skips the ids it already holds."),
+    ] = None,
+    parallel: Annotated[int, typer.Option(help="Prompts generated at once.")] = 4,
+) -> int:
+    """Run a file of prompts through the model: one JSON row out per line in."""
+    from rinna_cli.batch import batch
+
+    return batch(env, settings, source, output, parallel)
+
+
+@app.command(epilog=DEFAULTS_EPILOG)
+@settings_from(MODEL_OPTIONS, LOAD_OPTIONS)
 def serve(
-    model: ModelOpt = None,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    quantize: QuantizeOpt = None,
+    env: Environment,
+    settings: config.Settings,
     host: Annotated[
         str, typer.Option(help="Address to listen on; any but a loopback one (127.0.0.1, ::1) needs --api-key-env.")
     ] = "127.0.0.1",
@@ -329,47 +253,9 @@ def serve(
     ] = 4,
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
-    settings = _settings(model=model, device=device, dtype=dtype, quantize=quantize)
-    api_key = None
-    if api_key_env is not None:
-        name = config.check("api_key_env", api_key_env, "--api-key-env")
-        api_key = os.environ.get(name, "").strip()
-        if not api_key:
-            raise UsageError(f"--api-key-env {name}: the variable is unset or empty; set it to the key clients must send")
-    else:
-        from rinna_cli.server import is_loopback
+    from rinna_cli.serve.command import serve
 
-        if not is_loopback(host):
-            raise UsageError(
-                f"--host {host} takes connections from other machines; require an API key with "
-                "--api-key-env NAME (the environment variable holding it), or bind 127.0.0.1"
-            )
-    if not 0 <= port <= 65535:
-        raise UsageError(f"--port {port} is out of range; allowed: 0 <= port <= 65535 (0 = a free one)")
-    if not 0 <= queue_size <= 1000:
-        raise UsageError(f"--queue-size {queue_size} is out of range; allowed: 0 <= queue_size <= 1000")
-    try:
-        from rinna_cli import server
-    except ImportError as err:
-        raise UsageError(f"rinna serve needs FastAPI and uvicorn ({err}); install them: pip install 'rinna-cli[serve]'") from None
-    sock = server.listen(host, port)  # before loading: a taken port fails at once
-    folder, tokenizer = _tokenizer(settings)
-    engine = load_engine(settings, tokenizer)
-    name = hub.expand(settings.model)
-    url = server.url_of(sock)
-
-    def ready() -> None:
-        auth = f"; clients send the key in ${api_key_env}" if api_key else ""
-        err_console().print(
-            f"rinna serve: {name} on {engine.device} ({engine.dtype}) at {url}{auth} · Ctrl-C to stop",
-            markup=False, highlight=False, soft_wrap=True,
-        )  # fmt: skip
-
-    defaults = settings.generation()
-    defaults["max_new_tokens"] = min(defaults["max_new_tokens"], engine.window - 1)
-    application = server.create_app(engine, name, defaults, api_key=api_key, queue_size=queue_size, on_ready=ready)
-    server.run(application, sock)
-    return 0
+    return serve(env, settings, host, port, api_key_env, queue_size)
 
 
 def _quiet_broken_pipe() -> None:
@@ -378,28 +264,32 @@ def _quiet_broken_pipe() -> None:
     os.dup2(devnull, sys.stdout.fileno())
 
 
-def _error_line(message: str) -> None:
-    err_console().print(f"rinna: error: {escape_controls(message)}", markup=False, highlight=False, soft_wrap=True)
+def _plain_switches(command: Any) -> Any:
+    """``command`` (and its subcommands) with boolean flags shown as switches in --help, not as ``--json <bool>``."""
+    context = typer.Context(command, help_option_names=HELP_OPTIONS)
+    for param in command.get_params(context):  # the help option too
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    for subcommand in getattr(command, "commands", {}).values():
+        _plain_switches(subcommand)
+    return command
 
 
-def main() -> None:
-    """Entry point: every failure becomes one line on stderr and an exit code."""
-    for stream in (sys.stdout, sys.stderr):
-        if hasattr(stream, "reconfigure"):
-            stream.reconfigure(encoding="utf-8")
+def run(args: list[str], env: Environment) -> int:
+    """Run ``rinna ARGS`` in ``env``; every failure becomes one line on stderr and an exit code."""
     try:
-        code = typer.main.get_command(app).main(prog_name="rinna", standalone_mode=False)
-        if sys.stdout is not None:
-            sys.stdout.flush()  # a reader that went away shows here, not as "Exception ignored" at exit
+        command = _plain_switches(typer.main.get_command(app))
+        code = command.main(args, prog_name="rinna", standalone_mode=False, obj=env)
+        env.stdout.flush()  # a reader that went away shows here, not as "Exception ignored" at exit
     except typer.Abort:
         code = 130
     except typer.TyperException as err:  # typer's own click errors: bad option, missing value, unknown command
         context = getattr(err, "ctx", None)
         hint = f" (see '{context.command_path} --help')" if context else ""
-        _error_line(f"{getattr(err, 'format_message', err.__str__)()}{hint}")
+        env.error(f"{getattr(err, 'format_message', err.__str__)()}{hint}")
         code = getattr(err, "exit_code", 2)
     except RinnaError as err:
-        _error_line(str(err))
+        env.error(str(err))
         code = err.exit_code
     except KeyboardInterrupt:
         code = 130
@@ -412,4 +302,12 @@ def main() -> None:
             raise
         _quiet_broken_pipe()
         code = 0
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Entry point of the ``rinna`` executable."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(encoding="utf-8")
+    sys.exit(run(sys.argv[1:], Environment()))

@@ -9,9 +9,12 @@ COMMANDS = {
     "help": ("", "list the commands"),
     "reset": ("", "start a new conversation (alias /clear)"),
     "undo": ("", "remove the last exchange"),
-    "retry": ("", "generate the last reply again"),
+    "retry": ("", "generate the last reply again (or the reply to a message left unanswered)"),
     "history": ("", "show the conversation"),
-    "save": ("[PATH]", "write the conversation as a JSON transcript"),
+    "save": (
+        "[PATH]",
+        "write the conversation as a JSON transcript (default: the app directory); /save! PATH replaces a file",
+    ),
     "load": ("PATH", "continue a saved transcript"),
     "set": ("KEY VALUE", "change a setting: temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed"),
     "show": ("", "model, device, dtype, settings and context used"),
@@ -30,8 +33,11 @@ class Message:
 
 @dataclass(frozen=True)
 class Command:
+    """A slash command; ``force``: written with a ``!`` (``/save! PATH`` replaces an existing file)."""
+
     name: str
     args: tuple[str, ...] = ()
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,17 @@ class Invalid:
     hint: str
 
 
+def names() -> list[str]:
+    """Every command as typed, aliases included, for Tab completion."""
+    return [f"/{name}" for name in [*COMMANDS, *ALIASES] if name != "?"]
+
+
 def help_text() -> str:
     width = max(len(f"/{name} {usage}".strip()) for name, (usage, _) in COMMANDS.items())
     lines = [f"  {f'/{name} {usage}'.strip():<{width}}  {text}" for name, (usage, text) in COMMANDS.items()]
-    lines.append("  Enter sends; Alt+Enter (or Esc Enter) starts a new line; start a message with // to send a leading /")
+    lines.append(
+        "  Enter sends; Alt+Enter (or Esc Enter) starts a new line; start a message with // to send a leading /"
+    )
     return "\n".join(lines)
 
 
@@ -55,7 +68,8 @@ def parse(line: str) -> Message | Command | Invalid:
     if not line.startswith("/"):
         return Message(line)
     word, _, rest = line[1:].partition(" ")
-    name = ALIASES.get(word.lower(), word.lower())
+    force = word.endswith("!") and word[:-1].lower() == "save"
+    name = "save" if force else ALIASES.get(word.lower(), word.lower())
     if name not in COMMANDS:
         return Invalid(f"unknown command /{word}; /help lists the commands (start with // to send a message)")
     rest = rest.strip()
@@ -67,7 +81,7 @@ def parse(line: str) -> Message | Command | Invalid:
     if name == "load" and not rest:
         return Invalid("usage: /load PATH")
     if name in ("save", "load"):
-        return Command(name, (rest,) if rest else ())
+        return Command(name, (rest,) if rest else (), force)
     if rest:
         return Invalid(f"/{name} takes no arguments")
     return Command(name)

@@ -14,7 +14,9 @@ import urllib.parse
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any, Mapping
 
+from rinna_cli.contract import Sampling
 from rinna_cli.errors import UsageError
 
 if sys.version_info >= (3, 11):
@@ -28,6 +30,8 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "quantize": ("auto", "int8", "none"),
+    # rinna serve: what a chat request's system message does (rinna's format has no system turn)
+    "system_messages": ("reject", "merge"),
 }
 # key -> (type, lowest, highest, lowest is exclusive, what the range means)
 RANGES = {
@@ -38,7 +42,7 @@ RANGES = {
     "max_new_tokens": (int, 1, 2047, False, "less than the model's 2048-token window"),
     "seed": (int, -1, 2**32 - 1, False, "-1 = random"),
 }
-GENERATION_KEYS = tuple(RANGES)
+SAMPLING_KEYS = tuple(RANGES)
 # Free-form strings: the OpenAI-compatible server to use instead of local weights ("" = local),
 # and the name of the environment variable holding its API key (the key itself is never stored).
 STRINGS = ("endpoint", "api_key_env")
@@ -57,12 +61,13 @@ class Settings:
     repetition_penalty: float
     max_new_tokens: int
     seed: int
-    endpoint: str = ""
-    api_key_env: str = "RINNA_API_KEY"
+    endpoint: str
+    api_key_env: str
+    system_messages: str
 
-    def generation(self) -> dict:
+    def sampling(self) -> Sampling:
         """The sampling options only."""
-        return {key: getattr(self, key) for key in GENERATION_KEYS}
+        return Sampling(**{key: getattr(self, key) for key in SAMPLING_KEYS})
 
     def with_value(self, key: str, raw: object, where: str = "") -> Settings:
         """A copy with ``key`` set to the checked ``raw`` value."""
@@ -78,7 +83,7 @@ def _range_text(key: str) -> str:
     return f"{left} <= {high} ({meaning})"
 
 
-def check(key: str, raw: object, where: str = "") -> object:
+def check(key: str, raw: object, where: str = "") -> Any:
     """``raw`` as a valid value of ``key``, or a :class:`UsageError` naming the key, the place and the rule.
 
     Strings (from the environment or ``/set``) are parsed; other values must have the right type.
@@ -161,7 +166,8 @@ def user_config_path() -> Path:
     return app_dir() / "config.toml"
 
 
-def _defaults() -> dict:
+def shipped_defaults() -> dict:
+    """``config/defaults.toml``, the one place defaults are written (the flags' help reads them too)."""
     text = resources.files("rinna_cli.defaults").joinpath("defaults.toml").read_text(encoding="utf-8")
     return tomllib.loads(text)
 
@@ -188,18 +194,18 @@ def _user_config(path: Path, warn) -> dict:
     return known
 
 
-def load(flags: dict | None = None, environ: dict | None = None, warn=None) -> Settings:
+def load(flags: dict | None = None, environ: Mapping[str, str] | None = None, warn=None) -> Settings:
     """Merge the layers; ``flags`` holds only the options the user gave (None = not given)."""
-    environ = os.environ if environ is None else environ
-    warn = warn or (lambda message: print(f"rinna: warning: {message}", file=sys.stderr))
-    values = {key: check(key, value, "shipped defaults") for key, value in _defaults().items()}
+    env = os.environ if environ is None else environ
+    if warn is None:
+        from rinna_cli.render import warn
+    values = {key: check(key, value, "shipped defaults") for key, value in shipped_defaults().items()}
     values.update(_user_config(user_config_path(), warn))
     for key in KEYS:
         name = f"RINNA_{key.upper()}"
-        if environ.get(name):
-            values[key] = check(key, environ[name], name)
+        if env.get(name):
+            values[key] = check(key, env[name], name)
     for key, value in (flags or {}).items():
         if value is not None:
             values[key] = check(key, value, f"--{key.replace('_', '-')}")
     return Settings(**values)
-

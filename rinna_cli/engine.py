@@ -7,14 +7,12 @@ and values of the ids last seen; a new prompt that shares a prefix with them
 
 from __future__ import annotations
 
-import gc
 import pickle
 import re
-import threading
-import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from threading import Event
+from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteria
@@ -22,11 +20,11 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from rinna_cli import int8
+from rinna_cli import quantized
 from rinna_cli.config import cache_dir as default_cache_dir
+from rinna_cli.contract import OnStep, Reply, Sampling, Step, Timing, ignore_step
 from rinna_cli.errors import ModelError, UsageError
 from rinna_cli.hub import context_window, read_config
-from rinna_cli.session import Reply
 from rinna_cli.streamer import ReplyDecoder
 from rinna_cli.tokenizer import Tokenizer
 
@@ -78,15 +76,18 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def resolve_quantize(name: str, device: str, dtype: str) -> bool:
-    """Whether to use int8 weights: ``auto`` on the CPU unless a dtype is asked for; ``int8`` only on the CPU."""
-    if name == "int8":
+def resolve_quantize(name: str, device: str, dtype: str) -> str | None:
+    """The quantization scheme: ``auto`` is int8 on the CPU unless a dtype is asked for; int8/int4 only on the CPU."""
+    if name in quantized.SCHEMES:
         if device != "cpu":
-            raise UsageError(f"--quantize int8 runs on the CPU only (device is {device}); use --quantize none")
-        if dtype not in ("auto", "float32"):
-            raise UsageError(f"--quantize int8 computes in float32; drop --dtype {dtype} or use --quantize none")
-        return True
-    return name == "auto" and device == "cpu" and dtype == "auto"
+            raise UsageError(f"--quantize {name} runs on the CPU only (device is {device}); use --quantize none")
+        if dtype != "auto":
+            raise UsageError(
+                f"--quantize {name} picks its own compute dtype (float32 or bfloat16, measured on this machine); "
+                f"drop --dtype {dtype} or use --quantize none"
+            )
+        return name
+    return "int8" if name == "auto" and device == "cpu" and dtype == "auto" else None
 
 
 def _from_pretrained(folder: Path, files: list[Path], torch_dtype: torch.dtype):
@@ -107,37 +108,6 @@ def _from_pretrained(folder: Path, files: list[Path], torch_dtype: torch.dtype):
     return model
 
 
-def _load_int8(folder: Path, files: list[Path], cache_dir: Path | None, progress: Callable[[str], None]):
-    """The int8 model from the cache, quantizing (and caching) it first if it is not there yet."""
-    path = (cache_dir or default_cache_dir()) / "int8" / f"{int8.cache_key(folder)}.safetensors"
-    if path.is_file():
-        progress("loading int8 weights")
-        try:
-            return int8.load(AutoConfig.from_pretrained(folder), path)
-        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-            if _is_oom(err):
-                raise
-            path.unlink(missing_ok=True)
-    progress("quantizing to int8 (first start only)")
-    config = AutoConfig.from_pretrained(folder)
-    try:
-        if files[0].suffix == ".safetensors":
-            int8.quantize_checkpoint(files, config, path)
-        else:  # a pickle checkpoint is read whole (weights_only), then quantized in place
-            model = int8.quantize_model(_from_pretrained(folder, files, int8.ACTIVATION_DTYPE))
-            int8.save(model, path)
-            del model
-            gc.collect()
-    except OSError as err:
-        if _is_oom(err):
-            raise
-        raise ModelError(
-            f"cannot write the int8 weights to {path.parent} ({err.strerror or err}); "
-            "free some space there or use --quantize none"
-        ) from None
-    return int8.load(config, path)
-
-
 class _GrowingLayer(DynamicLayer):
     """A :class:`DynamicLayer` that writes each step into spare room instead of concatenating.
 
@@ -148,6 +118,9 @@ class _GrowingLayer(DynamicLayer):
     """
 
     GROWTH = 512
+    _buffers: tuple[Any, Any] | None = None  # (keys, values) with room to grow
+    keys: Any  # DynamicLayer's, views into the buffers
+    values: Any
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
@@ -160,8 +133,9 @@ class _GrowingLayer(DynamicLayer):
         needed = used + key_states.shape[-2]
         if self._buffers is None or needed > self._buffers[0].shape[-2]:
             room = -(-needed // self.GROWTH) * self.GROWTH
-            buffers = tuple(
-                new.new_empty((*new.shape[:-2], room, new.shape[-1])) for new in (key_states, value_states)
+            buffers = (
+                key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1])),
+                value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1])),
             )
             if used:
                 buffers[0][..., :used, :] = self.keys
@@ -184,7 +158,7 @@ class _GrowingCache(DynamicCache):
 class _Stop(StoppingCriteria):
     """Ends generation after the current token once ``event`` is set (Ctrl-C)."""
 
-    def __init__(self, event: threading.Event):
+    def __init__(self, event: Event):
         self.event = event
 
     def __call__(self, input_ids, scores, **kwargs):
@@ -194,31 +168,24 @@ class _Stop(StoppingCriteria):
 class _Streamer(BaseStreamer):
     """transformers' streamer interface over :class:`ReplyDecoder`; skips the prompt, times the tokens."""
 
-    def __init__(self, decoder: ReplyDecoder, on_text: Callable[[str], None], on_ids: Callable[[list[int]], None]):
+    def __init__(self, decoder: ReplyDecoder, on_step: OnStep, timing: Timing):
         self.decoder = decoder
-        self.on_text = on_text
-        self.on_ids = on_ids
+        self.on_step = on_step
+        self.timing = timing
         self.prompt_seen = False
-        self.generated = 0
-        self.first_at: float | None = None
 
     def put(self, value):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        if self.first_at is None:
-            self.first_at = time.perf_counter()
+        self.timing.token()
         ids = value.reshape(-1).tolist()
-        self.generated += len(ids)
-        text = self.decoder.push(ids)
-        if text:
-            self.on_text(text)
-        self.on_ids(ids)
+        self.on_step(Step(self.decoder.push(ids), ids))
 
     def end(self):
         text = self.decoder.finish()
         if text:
-            self.on_text(text)
+            self.on_step(Step(text, []))
 
 
 class Engine:
@@ -231,6 +198,7 @@ class Engine:
         self.window = window
         self.device = str(model.device.type)
         self.dtype = str(model.dtype).removeprefix("torch.")
+        self.kernels = ""  # the quantized model's kernel plan, e.g. "int8 decode int8pack, prefill int_mm; bfloat16"
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []
 
@@ -254,12 +222,21 @@ class Engine:
         config = read_config(folder)
         files = _weight_files(folder)
         device = resolve_device(device)
-        use_int8 = resolve_quantize(quantize, device, dtype)
+        scheme = resolve_quantize(quantize, device, dtype)
+        kernels = ""
         try:
             with warnings.catch_warnings():  # e.g. torch's pickle-protocol notice: the error below says it all
                 warnings.simplefilter("ignore")
-                if use_int8:
-                    model = _load_int8(folder, files, cache_dir, progress)
+                if scheme:
+                    model, plan = quantized.load_quantized(
+                        folder,
+                        files,
+                        AutoConfig.from_pretrained(folder),
+                        cache_dir or default_cache_dir(),
+                        scheme,
+                        progress,
+                    )
+                    kernels = plan.describe()
                 else:
                     model = _from_pretrained(folder, files, resolve_dtype(dtype, device))
                     model.to(device)
@@ -276,8 +253,8 @@ class Engine:
             raise ModelError(f"{folder}: cannot load the weights ({type(err).__name__}: {_first_line(err)})") from None
         model.eval()
         engine = cls(model, tokenizer, name, context_window(config))
-        if use_int8:
-            engine.dtype = "int8"
+        if scheme:
+            engine.dtype, engine.kernels = scheme, kernels
         return engine
 
     def _reuse_cache(self, prompt_ids: list[int]) -> int:
@@ -294,56 +271,44 @@ class Engine:
         self._cached_ids = self._cached_ids[:shared]
         return shared
 
-    def _config(self, options: dict) -> GenerationConfig:
+    def _config(self, sampling: Sampling) -> GenerationConfig:
         special = self.tokenizer.special
-        sample = options["temperature"] > 0
-        sampling = (
-            {"temperature": options["temperature"], "top_p": options["top_p"], "top_k": options["top_k"]}
-            if sample
-            else {}
+        sample = not sampling.greedy
+        knobs = (
+            {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k} if sample else {}
         )
         return GenerationConfig(
-            max_new_tokens=options["max_new_tokens"],
+            max_new_tokens=sampling.max_new_tokens,
             do_sample=sample,
-            repetition_penalty=options["repetition_penalty"],
+            repetition_penalty=sampling.repetition_penalty,
             eos_token_id=special.eos,
             pad_token_id=special.pad if special.pad is not None else special.eos,
             bos_token_id=special.bos,
-            **sampling,
+            **knobs,
         )
 
     def generate(
-        self,
-        prompt_ids: list[int],
-        options: dict,
-        on_text: Callable[[str], None] = lambda _: None,
-        stop: threading.Event | None = None,
-        on_ids: Callable[[list[int]], None] = lambda _: None,
+        self, prompt_ids: list[int], sampling: Sampling, on_step: OnStep = ignore_step, stop: Event | None = None
     ) -> Reply:
-        """Generate a reply to ``prompt_ids``, passing text to ``on_text`` as it becomes printable.
-
-        ``options`` holds the sampling settings (temperature 0 = greedy; seed -1 = random).
-        Setting ``stop`` ends generation after the current token. ``on_ids`` gets each step's
-        generated ids (``</s>`` included) right after the text they completed.
-        """
+        """Generate a reply to ``prompt_ids`` (see :class:`rinna_cli.contract.Engine`), reusing the KV cache."""
         if not prompt_ids:
             raise UsageError("empty prompt")
-        stop = stop or threading.Event()
+        stop = stop or Event()
         cached = self._reuse_cache(prompt_ids)
         decoder = ReplyDecoder(self.tokenizer)
-        streamer = _Streamer(decoder, on_text, on_ids)
-        if options["seed"] >= 0:
-            torch.manual_seed(options["seed"])
+        timing = Timing()
+        streamer = _Streamer(decoder, on_step, timing)
+        if sampling.seed >= 0:
+            torch.manual_seed(sampling.seed)
         else:
             torch.seed()
         input_ids = torch.tensor([prompt_ids], device=self.model.device)
-        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 output = self.model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
-                    generation_config=self._config(options),
+                    generation_config=self._config(sampling),
                     cache=self._cache,
                     streamer=streamer,
                     stopping_criteria=[_Stop(stop)],
@@ -355,12 +320,12 @@ class Engine:
                     f"out of memory while generating; lower --max-new-tokens or shorten the prompt, or {OOM_HINT}"
                 ) from None
             raise
-        ended = time.perf_counter()
+        timing.end()
         generated = output[0, len(prompt_ids) :].tolist()
+        assert self._cache is not None
         self._cached_ids = (prompt_ids + generated)[: self._cache.get_seq_length()]
         eos = self.tokenizer.special.eos
         finish = "stop" if eos in generated else "interrupted" if stop.is_set() else "length"
-        first = streamer.first_at or ended
         return Reply(
             text=decoder.text,
             ids=decoder.ids,
@@ -368,8 +333,9 @@ class Engine:
             prompt_tokens=len(prompt_ids),
             prefilled_tokens=len(prompt_ids) - cached,
             completion_tokens=len(generated),
-            ttft_s=first - started,
-            tokens_per_s=(len(generated) - 1) / (ended - first) if len(generated) > 1 and ended > first else 0.0,
+            ttft_s=timing.ttft_s,
+            tokens_per_s=timing.tokens_per_s(len(generated)),
+            kernels=self.kernels,
         )
 
     def forget(self) -> None:

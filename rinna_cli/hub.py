@@ -1,15 +1,26 @@
 """Where a model lives: a local folder, or a hub id fetched into the Hugging Face cache.
 
-Only the files a command needs are fetched: ``rinna tokenize`` takes the
-tokenizer files, never the 7 GB of weights.
+Only the files a command needs are fetched: ``tokenize``, ``--show-prompt`` and
+``--endpoint`` take the tokenizer files and ``config.json``, never the 7 GB of
+weights. The weights are the repo's safetensors when it has any, its
+``pytorch_model*.bin`` only when it has none: never both. Before weights are
+downloaded, one line on stderr says how much, where to, what the first start
+then does, and that Ctrl-C is safe: files already fetched stay in the cache, and
+huggingface_hub resumes a file whose connection drops.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
+import sys
+from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import Iterator
 
-from rinna_cli.errors import ModelError
+from rinna_cli.errors import ModelError, UsageError
 from rinna_cli.tokenizer import TOKENIZER_FILES
 
 DEFAULT_MODEL = "rinna/japanese-gpt-neox-3.6b-instruction-sft"
@@ -21,6 +32,11 @@ ALIASES = {
 CONFIG = "config.json"
 SAFETENSORS = ("*.safetensors", "*.safetensors.index.json")
 PICKLE = ("pytorch_model*.bin", "pytorch_model.bin.index.json")
+# The committed model that answers a few fixed prompts (README: "Try it without downloading").
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "memorized"
+# The first start on a CPU quantizes the weights to int8: 31.7 s for 7.21 GB of float16 safetensors
+# on a 2-core AMD EPYC (docs/benchmarks.md), about 4.4 s per GB.
+_INT8_SECONDS_PER_GB = 4.4
 
 
 def expand(name: str) -> str:
@@ -46,36 +62,200 @@ def locate(name: str, weights: bool = False) -> Path:
         if not folder.is_dir():
             raise ModelError(f"{folder}: no such model folder")
         return folder
+    if "/" not in name:
+        close = difflib.get_close_matches(name, ALIASES, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UsageError(
+            f"unknown model {name!r}; {hint}--model takes an alias ({', '.join(ALIASES)}), "
+            "a hub id such as rinna/japanese-gpt-neox-3.6b-instruction-sft, or a model folder"
+        )
+    return _from_hub(name, weights)
+
+
+def _from_hub(repo_id: str, weights: bool) -> Path:
+    from huggingface_hub import constants
+
     files = [*TOKENIZER_FILES, CONFIG]
-    folder = _download(name, files + list(SAFETENSORS) if weights else files)
-    if weights and not any(folder.glob("*.safetensors")):
-        folder = _download(name, files + list(PICKLE))
-    return folder
+    listing = None if constants.HF_HUB_OFFLINE else _listing(repo_id)
+    if listing is None:  # offline, or the hub did not answer: the cache decides
+        folder = _from_cache(repo_id, files + list(SAFETENSORS) if weights else files)
+        if weights and not any(folder.glob("*.safetensors")):
+            folder = _from_cache(repo_id, files + list(PICKLE))
+        if weights and not _weight_files(folder):
+            raise ModelError(_not_cached(repo_id, "its weights are"))
+        return folder
+    sha, sizes = listing
+    wanted = [name for name in files if name in sizes]
+    if weights:
+        chosen = _weights_of(sizes)
+        if not chosen:
+            raise ModelError(f"{repo_id}: the repo holds no weights (no *.safetensors, no pytorch_model*.bin)")
+        to_fetch = [sizes[name] for name in chosen if not _cached(repo_id, name, sha)]
+        if to_fetch:
+            _announce(repo_id, None if None in to_fetch else sum(n or 0 for n in to_fetch))
+        wanted += chosen
+    cached = {name: _cached(repo_id, name, sha) for name in wanted}
+    missing_files = [name for name, path in cached.items() if path is None]
+    first = next((path for path in cached.values() if path is not None), None)
+    if wanted and not missing_files and first:  # nothing to fetch: no progress bar, no more requests
+        return Path(first).parent
+    return _download(repo_id, missing_files or wanted)
 
 
-def _download(repo_id: str, patterns: list[str]) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
+def _listing(repo_id: str) -> tuple[str, dict[str, int | None]] | None:
+    """The repo's commit and its files with their sizes, or None when the hub cannot say (the cache is used then)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     try:
+        info = HfApi().model_info(repo_id, files_metadata=True)
+    except (RepositoryNotFoundError, GatedRepoError):
+        raise ModelError(f"{repo_id}: no such model on the Hugging Face hub (or it needs a login)") from None
+    except Exception:  # no network, a proxy, a hub error: snapshot_download falls back to the cache or says why
+        return None
+    if info.sha is None:
+        return None
+    return info.sha, {sibling.rfilename: sibling.size for sibling in info.siblings or []}
+
+
+def _weights_of(sizes: dict) -> list[str]:
+    """The weight files to fetch: the safetensors set if the repo has one, else the pickle set."""
+    for patterns in (SAFETENSORS, PICKLE):
+        chosen = sorted(name for name in sizes if "/" not in name and any(fnmatch(name, p) for p in patterns))
+        if any(not name.endswith(".json") for name in chosen):
+            return chosen
+    return []
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [*folder.glob("*.safetensors"), *folder.glob("pytorch_model*.bin")]
+
+
+def _cached(repo_id: str, filename: str, sha: str) -> str | None:
+    """The cached file's path in the snapshot of commit ``sha``, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = try_to_load_from_cache(repo_id, filename, revision=sha)
+    return path if isinstance(path, str) else None
+
+
+def _size(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.1f} GB" if n_bytes >= 1e8 else f"{max(n_bytes / 1e6, 0.1):.1f} MB"
+
+
+def _announce(repo_id: str, n_bytes: int | None) -> None:
+    """The one line before a first download: how much, where to, what comes next, and that Ctrl-C is safe."""
+    from huggingface_hub import constants
+
+    from rinna_cli.render import err_console
+
+    cache = str(constants.HF_HUB_CACHE)
+    home = str(Path.home())
+    cache = "~" + cache[len(home) :] if cache.startswith(home + os.sep) else cache
+    size = _size(n_bytes) if n_bytes is not None else "size unknown"
+    took = (
+        f"about {max(5, round(n_bytes / 1e9 * _INT8_SECONDS_PER_GB / 5) * 5)} s"
+        if n_bytes
+        else f"about {_INT8_SECONDS_PER_GB:g} s per GB"
+    )
+    err_console().print(
+        f"rinna: downloading {repo_id} ({size}) into {cache}, once; on a CPU the first start then "
+        f"converts the weights to int8 ({took}, also once). Ctrl-C is safe: run it again to continue.",
+        markup=False, highlight=False, soft_wrap=True,
+    )  # fmt: skip
+
+
+def _not_cached(repo_id: str, what: str = "it is") -> str:
+    from huggingface_hub import constants
+
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) cannot be reached"
+    demo = DEMO_MODEL if DEMO_MODEL.is_dir() else "tests/fixtures/memorized (in rinna-cli's source)"
+    return (
+        f"{repo_id}: {what} not in the local Hugging Face cache and {why}; without a download, generate on a "
+        f"server with --endpoint URL, or try the demo model: --model {demo}"
+    )
+
+
+def _from_cache(repo_id: str, patterns: list[str]) -> Path:
+    """Offline, or the hub did not list the repo: huggingface_hub's snapshot logic decides.
+
+    It returns the cached snapshot (checked complete where it knows the repo's files), or raises
+    :class:`LocalEntryNotFoundError`, which becomes the not-cached message.
+    """
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo_id):
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
+
+
+def _download(repo_id: str, names: list[str]) -> Path:
+    """Fetch ``names`` one after another (a progress bar each, on a terminal) into the cache; the snapshot folder.
+
+    The files come down in a daemon thread so that Ctrl-C ends the command at once: huggingface_hub's
+    own thread pool (snapshot_download) would keep the process alive until the current file is done.
+    A file cut short that way leaves a partial blob, removed by the next run.
+    """
+    import threading
+
+    from huggingface_hub import hf_hub_download
+
+    _remove_abandoned_partials(repo_id)
+    done: dict = {}
+
+    def fetch() -> None:
+        try:
+            for name in names:
+                done["path"] = hf_hub_download(repo_id, name)
+        except BaseException as err:  # handed to the waiting thread
+            done["error"] = err
+
+    worker = threading.Thread(target=fetch, name="rinna-download", daemon=True)
+    with _hub_errors(repo_id):
+        worker.start()
+        try:
+            while worker.is_alive():
+                worker.join(0.1)
+        except KeyboardInterrupt:
+            print(
+                f"rinna: download of {repo_id} interrupted; run the same command again to continue it", file=sys.stderr
+            )
+            raise
+        if "error" in done:
+            raise done["error"]
+    return Path(done["path"]).parent
+
+
+def _remove_abandoned_partials(repo_id: str, older_than_s: float = 600.0) -> None:
+    """Delete partial blobs of ``repo_id`` that no download has written to for a while (left by Ctrl-C)."""
+    import time
+
+    from huggingface_hub import constants
+
+    blobs = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "blobs"
+    for partial in blobs.glob("*.incomplete"):
+        try:
+            if time.time() - partial.stat().st_mtime > older_than_s:
+                partial.unlink()
+        except OSError:
+            pass
+
+
+@contextmanager
+def _hub_errors(repo_id: str) -> Iterator[None]:
+    """huggingface_hub's exceptions as one-line :class:`ModelError` messages."""
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        yield
     except LocalEntryNotFoundError:
-        raise ModelError(
-            f"{repo_id}: not in the local Hugging Face cache and the hub cannot be reached; "
-            "download it once while online, or pass --model /path/to/model-folder "
-            "(with HF_HUB_OFFLINE=1 set, only the cache is used)"
-        ) from None
+        raise ModelError(_not_cached(repo_id)) from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise ModelError(f"{repo_id}: no such model on the Hugging Face hub (or it needs a login)") from None
     except HfHubHTTPError as err:
         raise ModelError(f"{repo_id}: download failed: {str(err).splitlines()[0]}") from None
-    except OSError as err:
-        raise ModelError(f"{repo_id}: download failed: {err}") from None
+    except Exception as err:  # OSError, or the HTTP client's own errors (a connection cut short, ...)
+        said = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelError(f"{repo_id}: download failed: {said}") from None
 
 
 def read_config(folder: Path) -> dict:

@@ -1,14 +1,15 @@
-"""int8 weights for the CPU: quantize once, cache on disk, load the cache directly.
+"""int8 weights for the CPU, and what every quantized linear layer shares.
 
 Every ``nn.Linear`` (attention, MLP and the output head, 97 % of rinna's
 parameters) becomes an :class:`Int8Linear`: int8 weights with one scale per
-output channel (symmetric, absmax). Embeddings and layer norms are kept in
-float32. The quantized state dict is written once to a safetensors file in
-the cache directory, keyed by the model's files, and later starts build the
-model on the meta device and take the cached tensors as they are, so the
-full-precision weights are never read again.
+output channel (symmetric, absmax). Embeddings and layer norms stay in floating
+point. The quantized state dict is written once to a safetensors file in the
+cache directory (:func:`write_safetensors`, every tensor 64-byte aligned) and
+later starts memory-map it and use the tensors in place.
 
-Imported only by :mod:`rinna_cli.engine`.
+Which kernel multiplies is not fixed here: :class:`QuantLinear` runs its
+``decode`` kernel for a few rows and its ``prefill`` kernel for more, and
+:mod:`rinna_cli.kernels` sets both by measuring them on the machine.
 """
 
 from __future__ import annotations
@@ -16,63 +17,124 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import struct
 from pathlib import Path
+from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 FORMAT = "rinna-cli-int8-v3"
-# Activations, embeddings, layer norms and the KV cache: float32, since this CPU class has no
-# native bfloat16 arithmetic (attention over a 600-token cache runs twice as fast in float32).
+# The dtype of the float tensors in the cache (embeddings, layer norms, biases); the
+# plan converts them to its activation dtype when it is another (bfloat16).
 ACTIVATION_DTYPE = torch.float32
-
-
-def _runs(kernel: str) -> bool:
-    try:
-        Int8Linear(32, 8, False, kernel=kernel).forward(torch.zeros(1, 32, dtype=ACTIVATION_DTYPE))
-        return True
-    except (AttributeError, RuntimeError, NotImplementedError):
-        return False
+# A matmul with at most this many rows is a decode step (one row per sequence, batched
+# sequences included); more rows is a prefill.
+DECODE_ROWS = 8
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric absmax int8 with one float32 scale per output channel (row)."""
-    scale = weight.abs().amax(dim=1).float().clamp(min=1e-8) / 127.0
-    rows = []
-    for start in range(0, weight.shape[0], 1024):  # in slices: no float32 copy of a whole matrix
-        block = weight[start : start + 1024].float() / scale[start : start + 1024, None]
-        rows.append(torch.round(block).clamp(-127, 127).to(torch.int8))
-    return torch.cat(rows), scale
+    """Symmetric absmax int8 with one float32 scale per output channel (row).
+
+    Worked in slices of about 2**20 values into the result: no temporary the size of the
+    matrix (a float32 copy, its absolute values, int8 rows before joining them), which on
+    a full-width layer of rinna would add as much again as its float16 weights.
+    """
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32)
+    step = max(1, 2**20 // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = slice(start, start + step)
+        block = weight[rows].to(torch.float32, copy=True)
+        torch.amax(block.abs(), dim=1, out=scale[rows])
+        scale[rows].clamp_(min=1e-8).div_(127.0)
+        q[rows] = block.div_(scale[rows, None]).round_().clamp_(-127, 127)
+    return q, scale
 
 
-class Int8Linear(nn.Module):
-    """``y = x @ (q * scale).T + bias`` with int8 ``q`` of shape (out, in) and a scale per output.
+class QuantLinear(nn.Module):
+    """A linear layer over quantized weights: ``decode`` kernel for few rows, ``prefill`` for many.
 
-    Kernels, picked by measurement (docs/benchmarks.md): ``int_mm`` quantizes each row
-    of ``x`` to int8 on the fly (absmax, one scale per token) and multiplies int8 by int8
-    with torch's ``_int_mm`` (int32 sums), near the memory-bandwidth bound when decoding
-    and 5x faster than ``int8pack`` when prefilling; ``int8pack`` (torch's weight-only
-    int8 matmul, bfloat16 activations) is the fallback where ``_int_mm`` does not run.
+    Subclasses list their kernels in ``KERNELS`` (name -> function of the module and a
+    2-D input); a kernel returns any float dtype, the output is cast to ``activation``.
     """
 
-    kernel = "int_mm"
+    KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {}
+    decode = prefill = ""
+    activation = ACTIVATION_DTYPE
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, device=None, kernel: str | None = None):
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        if kernel:
-            self.kernel = kernel
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False)
-        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
         self.bias = (
             nn.Parameter(torch.zeros(out_features, dtype=ACTIVATION_DTYPE, device=device), requires_grad=False)
             if bias
             else None
         )
+        self._derived: dict[str, torch.Tensor] = {}
+
+    def derived(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """A small tensor derived from the weights (a scale in another dtype), made once."""
+        if name not in self._derived:
+            self._derived[name] = make()
+        return self._derived[name]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        kernel = self.decode if rows.shape[0] <= DECODE_ROWS else self.prefill
+        y = self.KERNELS[kernel](self, rows).to(self.activation)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, decode={self.decode}, prefill={self.prefill}"
+
+
+def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic int8 activations (absmax) times int8 weights, int32 sums (``torch._int_mm``)."""
+    rows = rows.float()
+    step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
+    return torch._int_mm(torch.round(rows / step).to(torch.int8), module.weight.t()) * step * module.scale
+
+
+def _int8pack(dtype: torch.dtype):
+    def kernel(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
+        """Weight-only int8 (``torch._weight_int8pack_mm``) with activations in ``dtype``."""
+        scale = module.derived(f"scale:{dtype}", lambda: module.scale.to(dtype))
+        return torch._weight_int8pack_mm(rows.to(dtype).contiguous(), module.weight, scale)
+
+    return kernel
+
+
+def _dequant(dtype: torch.dtype):
+    def kernel(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
+        """The weights dequantized to ``dtype`` for this call, then a dense matmul (worth it for long prefills only)."""
+        scale = module.derived(f"scale:{dtype}", lambda: module.scale.to(dtype))
+        return rows.to(dtype) @ (module.weight.to(dtype) * scale[:, None]).t()
+
+    return kernel
+
+
+class Int8Linear(QuantLinear):
+    """``y = x @ (q * scale).T + bias`` with int8 ``q`` of shape (out, in) and a float32 scale per output."""
+
+    KERNELS = {
+        "int_mm": _int_mm,
+        "int8pack": _int8pack(torch.bfloat16),
+        "int8pack_f32": _int8pack(torch.float32),
+        "dequant": _dequant(torch.bfloat16),
+    }
+    # Until a plan is applied: the kernels that were fastest on the first CPU class measured (Zen 3).
+    decode = prefill = "int_mm"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__(in_features, out_features, bias, device)
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
+        )
+        self.scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False)
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> Int8Linear:
@@ -82,38 +144,17 @@ class Int8Linear(nn.Module):
             module.bias.data = linear.bias.detach().to(ACTIVATION_DTYPE)
         return module
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.kernel == "int_mm":
-            rows = rows.float()
-            step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-            y = torch._int_mm(torch.round(rows / step).to(torch.int8), self.weight.t()) * step * self.scale
-        else:
-            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scale.to(torch.bfloat16))
-        y = y.to(ACTIVATION_DTYPE)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+    def tensors(self, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The cache tensors of this layer, called ``name`` in the model, from its full-precision weight."""
+        q, scale = quantize_weight(weight)
+        return {f"{name}.weight": q, f"{name}.scale": scale}
 
 
-KERNELS = ("int_mm", "int8pack")
-
-
-def best_kernel() -> str:
-    """The first kernel of :data:`KERNELS` that runs on this machine."""
-    return next((kernel for kernel in KERNELS if _runs(kernel)), KERNELS[-1])
-
-
-Int8Linear.kernel = best_kernel()
-
-
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+def linears(model: nn.Module) -> list[tuple[str, nn.Module, str, nn.Linear]]:
+    """(qualified name, parent, attribute, module) of every ``nn.Linear``."""
     return [
-        (parent, name, child)
-        for parent in model.modules()
+        (f"{prefix}.{name}" if prefix else name, parent, name, child)
+        for prefix, parent in model.named_modules()
         for name, child in parent.named_children()
         if isinstance(child, nn.Linear)
     ]
@@ -121,16 +162,16 @@ def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
 
 def quantize_model(model: nn.Module) -> nn.Module:
     """Replace every Linear in place, freeing each full-precision weight as soon as it is converted."""
-    for parent, name, linear in _linears(model):
+    for _, parent, name, linear in linears(model):
         setattr(parent, name, Int8Linear.quantize(linear))
         linear.weight = None
     return model
 
 
-def cache_key(folder: Path) -> str:
-    """Identifies the weights: the folder, and each weight file's name, size and modification time."""
+def cache_key(folder: Path, format: str = FORMAT) -> str:
+    """Identifies the weights: the format, the folder, and each weight file's name, size and modification time."""
     folder = folder.resolve()
-    parts = [FORMAT, str(folder), (folder / "config.json").read_text(encoding="utf-8")]
+    parts = [format, str(folder), (folder / "config.json").read_text(encoding="utf-8")]
     for path in sorted(folder.iterdir()):
         if path.suffix in (".safetensors", ".bin"):
             stat = path.stat()
@@ -138,35 +179,34 @@ def cache_key(folder: Path) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:24]
 
 
-def save(model: nn.Module, path: Path) -> None:
-    """Write the quantized model's state dict to the cache."""
-    write_safetensors(path, model.state_dict())
-
-
-_ALIGN, _PAD = 64, "__pad"
+_ALIGN, PAD = 64, "__pad"
 _DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], format: str = FORMAT) -> None:
     """A safetensors file written tensor by tensor, atomically (temporary file, then rename).
 
     ``safetensors.torch.save_file`` first copies every tensor into a bytes object, which
     would double the memory of a 3.6 GB model at its peak. Here every tensor starts at a
     64-byte boundary of the file (small ``__pad`` tensors fill the gaps), so memory-mapped
-    it is aligned as torch's int8 kernel needs and is used in place, never copied.
+    it is aligned as torch's int8 and int4 kernels need and is used in place, never copied.
     """
     entries, offset = [], 0
     for name, tensor in tensors.items():
         gap = -offset % _ALIGN
         if gap:
-            entries.append((f"{_PAD}{len(entries)}", torch.zeros(gap, dtype=torch.uint8)))
+            entries.append((f"{PAD}{len(entries)}", torch.zeros(gap, dtype=torch.uint8)))
             offset += gap
         entries.append((name, tensor.detach().contiguous()))
         offset += tensor.numel() * tensor.element_size()
-    header, offset = {"__metadata__": {"format": FORMAT}}, 0
+    header, offset = {"__metadata__": {"format": format}}, 0
     for name, tensor in entries:
         size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": _DTYPE_NAMES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
@@ -182,67 +222,45 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def _meta_model(config) -> nn.Module:
+def save(model: nn.Module, path: Path) -> None:
+    """Write the quantized model's state dict to the cache."""
+    write_safetensors(path, model.state_dict())
+
+
+def meta_model(config, choose: Callable[[str, nn.Linear], QuantLinear] | None = None) -> nn.Module:
+    """The model on the meta device with each Linear replaced by ``choose(name, linear)`` (default: Int8Linear)."""
     from transformers import AutoModelForCausalLM
 
+    choose = choose or (lambda _, lin: Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, "meta"))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=ACTIVATION_DTYPE)
-    for parent, name, linear in _linears(model):
-        setattr(parent, name, Int8Linear(linear.in_features, linear.out_features, linear.bias is not None, "meta"))
+    for name, parent, attribute, linear in linears(model):
+        setattr(parent, attribute, choose(name, linear))
     return model
 
 
-def _checkpoint_name(key: str) -> str:
-    """The model's name for a checkpoint tensor: rinna's checkpoints call the output head ``embed_out``."""
-    return re.sub(r"^embed_out\.", "lm_head.", key)
-
-
 def quantize_checkpoint(files: list[Path], config, path: Path) -> None:
-    """Quantize safetensors checkpoint files into the cache, one layer at a time.
+    """Quantize checkpoint files (safetensors or pickles) to int8 into the cache, a layer at a time."""
+    from rinna_cli.checkpoint import quantize_into
 
-    Each layer's tensors are read through a mapping of their own that is closed
-    before the next layer, so memory holds the int8 result and one layer, never
-    the full-precision model (peak about 4 GB for rinna's 3.6 B parameters).
-    """
-    model = _meta_model(config)
-    quantized = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Int8Linear)}
-    wanted = set(model.state_dict())
-    groups: dict[tuple[Path, str], list[str]] = {}
-    for file in files:
-        with safe_open(str(file), "pt") as checkpoint:
-            for key in checkpoint.keys():
-                if _checkpoint_name(key) in wanted or _checkpoint_name(key) in quantized:
-                    groups.setdefault((file, re.sub(r"\.[^.]+$", "", _checkpoint_name(key))), []).append(key)
-    state: dict[str, torch.Tensor] = {}
-    for (file, _), keys in groups.items():
-        with safe_open(str(file), "pt") as checkpoint:
-            for key in keys:
-                name, tensor = _checkpoint_name(key), checkpoint.get_tensor(key)
-                if name in quantized:
-                    weight, scale = quantize_weight(tensor)
-                    state[name], state[name.removesuffix("weight") + "scale"] = weight, scale
-                else:
-                    state[name] = tensor.to(ACTIVATION_DTYPE).clone()
-                del tensor
-    missing = sorted(wanted - set(state))
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} of the model's tensors (e.g. {missing[0]})")
-    write_safetensors(path, state)
+    quantize_into(files, meta_model(config), path, FORMAT)
 
 
-def load(config, path: Path) -> nn.Module:
-    """Build the model on the meta device with Int8Linear layers and take the cached tensors as they are."""
-    model = _meta_model(config)
+def load(config, path: Path, model: nn.Module | None = None) -> nn.Module:
+    """Build the model on the meta device (or take ``model``, so built) and take the cached tensors as they are."""
+    model = model if model is not None else meta_model(config)
     # torch's int8 kernel crashes on operands that are not 64-byte aligned: the cache is
     # written aligned, and anything that is not (an older or foreign file) is copied.
     state = {
         key: value if value.data_ptr() % _ALIGN == 0 else value.clone()
         for key, value in load_file(str(path)).items()
-        if not key.startswith(_PAD)
+        if not key.startswith(PAD)
     }
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
-        raise ValueError(f"the int8 cache does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ValueError(
+            f"the quantized cache does not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     _rebuild_buffers(model, config)
     model.eval()
     return model
@@ -257,5 +275,4 @@ def _rebuild_buffers(model: nn.Module, config) -> None:
                     setattr(parent, name, type(child)(config=config))
     leftovers = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if leftovers:
-        raise ValueError(f"the int8 cache does not fit the model ({leftovers[0]} missing)")
-
+        raise ValueError(f"the quantized cache does not fit the model ({leftovers[0]} missing)")

@@ -12,32 +12,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from rinna_cli.errors import UsageError
+from rinna_cli.contract import check_fits
 from rinna_cli.prompt import SYSTEM, USER, format_prompt, reply_prefix, utterance
 from rinna_cli.tokenizer import Tokenizer
 
 
 @dataclass
 class Turn:
+    """One utterance; ``ids`` are its tokens (``[]`` when read back from a file that has none)."""
+
     speaker: str
     text: str
     ids: list[int]
     time: float = field(default_factory=time.time)
     interrupted: bool = False
-
-
-@dataclass
-class Reply:
-    """One generated reply and how it was made."""
-
-    text: str
-    ids: list[int]
-    finish_reason: str  # "stop" (</s>), "length" (max_new_tokens) or "interrupted"
-    prompt_tokens: int
-    prefilled_tokens: int  # prompt tokens not already in the KV cache
-    completion_tokens: int  # generated tokens, </s> included
-    ttft_s: float
-    tokens_per_s: float
 
 
 class Conversation:
@@ -63,14 +51,16 @@ class Conversation:
         self.turns.append(turn)
         return turn
 
-    def restore(self, speaker: str, text: str, ids: list[int] | None, interrupted: bool = False) -> Turn:
-        """Add a turn read back from disk, keeping its saved ids when they are given."""
-        if ids is None or not all(0 <= i < self.tokenizer.vocab_size for i in ids):
-            if speaker == USER:
-                return self.add_user(text)
-            return self.add_reply(text, interrupted=interrupted)
-        turn = Turn(speaker, text, list(ids), interrupted=interrupted)
-        self.turns.append(turn)
+    def restore(self, saved: Turn, keep_ids: bool = True) -> Turn:
+        """Add a turn read back from disk (with its time), keeping its saved ids if asked and they are valid."""
+        if keep_ids and saved.ids and all(0 <= i < self.tokenizer.vocab_size for i in saved.ids):
+            turn = Turn(saved.speaker, saved.text, list(saved.ids), interrupted=saved.interrupted)
+            self.turns.append(turn)
+        elif saved.speaker == USER:
+            turn = self.add_user(saved.text)
+        else:
+            turn = self.add_reply(saved.text, interrupted=saved.interrupted)
+        turn.time = saved.time
         return turn
 
     def undo(self) -> int:
@@ -84,21 +74,18 @@ class Conversation:
             count += 1
         return count
 
-    def fit(self, max_prompt_tokens: int, start: int = 0) -> int:
+    def fit(self, window: int, max_new_tokens: int, start: int = 0) -> int:
         """The first turn of the shortest history suffix, at or after ``start``, whose prompt fits.
 
-        Whole exchanges are dropped from the front; a prompt that cannot fit
-        even with the last message alone raises :class:`UsageError`.
+        Whole exchanges are dropped from the front; a prompt that cannot fit even
+        with the last message alone raises the window rule's :class:`UsageError`.
         """
-        while len(self.prompt_ids(start)) > max_prompt_tokens:
+        while len(self.prompt_ids(start)) > window - max_new_tokens:
             users = [i for i, t in enumerate(self.turns) if t.speaker == USER and i > start]
             if not users:
-                size = len(self.prompt_ids(start))
-                raise UsageError(
-                    f"the message is {size} tokens with its prompt; at most {max_prompt_tokens} fit "
-                    "(the model's window minus max_new_tokens)"
-                )
+                break
             start = users[0]
+        check_fits(len(self.prompt_ids(start)), max_new_tokens, window)
         return start
 
     def prompt_ids(self, start: int = 0) -> list[int]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rinna_cli.errors import RinnaError
-from rinna_cli.prompt import SPEAKERS
+from rinna_cli.prompt import SPEAKERS, USER
 from rinna_cli.session import Turn
 
 TRANSCRIPT_FORMAT = "rinna-cli/transcript"
@@ -73,7 +73,9 @@ class SessionLog:
         if self.failed:
             return
         # A lone surrogate (undecodable input) is written as a JSON escape, never an encoding error.
-        line = (json.dumps({**record, "at": time.time()}, ensure_ascii=False) + "\n").encode("utf-8", "backslashreplace")
+        line = (json.dumps({**record, "at": time.time()}, ensure_ascii=False) + "\n").encode(
+            "utf-8", "backslashreplace"
+        )
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -96,20 +98,20 @@ class SessionLog:
         except OSError as err:
             self._fail(err)
 
-    def turn(self, turn: Turn, ids: list[int], settings: dict) -> None:
-        self.append({"type": "turn", **_turn_record(turn), "ids": ids, "settings": settings})
+    def turn(self, turn: Turn, settings: dict) -> None:
+        self.append({"type": "turn", **_turn_record(turn), "ids": turn.ids, "settings": settings})
 
 
 @dataclass
 class Loaded:
-    """Turns read back from a log or transcript: ``(speaker, text, ids or None, interrupted)``.
+    """Turns read back from a log or transcript (ids ``[]`` where the file has none; the time now where it has no valid one).
 
-    ``times`` holds each turn's timestamp where the file has a valid one (else None).
+    ``settings``: the sampling settings the file stores (a log: those of its last turn), unchecked.
     """
 
-    turns: list[tuple[str, str, list[int] | None, bool]]
+    turns: list[Turn]
     model: str | None
-    times: list[float | None] = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
 
 def replay_log(path: Path) -> Loaded:
@@ -118,9 +120,9 @@ def replay_log(path: Path) -> Loaded:
     A line that is not JSON (torn by a crash or a full disk) is skipped; a file
     with no session record in it is not a session log and is refused.
     """
-    turns: list[tuple[str, str, list[int] | None, bool]] = []
-    times: list[float | None] = []
+    turns: list[Turn] = []
     model = None
+    settings: dict = {}
     session = False
     for number, line in enumerate(_read_bytes(path).split(b"\n"), 1):
         try:
@@ -133,43 +135,87 @@ def replay_log(path: Path) -> Loaded:
             model = record.get("model") if isinstance(record.get("model"), str) else None
         elif kind == "turn":
             turns.append(_checked(record, path, number, with_ids=True))
-            times.append(_time(record))
+            settings = _settings(record)
         elif kind == "undo":
             count = record.get("count", 0)
             if isinstance(count, int) and not isinstance(count, bool) and count > 0:
-                del turns[max(0, len(turns) - count) :], times[max(0, len(times) - count) :]
+                del turns[max(0, len(turns) - count) :]
         elif kind == "reset":
             turns.clear()
-            times.clear()
     if not session:
         raise RinnaError(f"{path}: not a rinna-cli session log (no session record)")
-    return Loaded(turns, model, times)
+    return Loaded(turns, model, settings)
 
 
-def _has_turns(path: Path) -> bool:
+def _settings(record: dict) -> dict:
+    settings = record.get("settings")
+    return settings if isinstance(settings, dict) else {}
+
+
+@dataclass
+class SessionInfo:
+    """One session log as ``rinna sessions`` lists it; ``id`` is the file name without ``.jsonl``."""
+
+    path: Path
+    id: str
+    modified: float
+    turns: int
+    first: str  # the first message of the conversation the log ends with
+    interactive: bool  # False: a piped run (never "the last session" for --resume)
+
+
+def _info(path: Path, modified: float) -> SessionInfo | None:
     try:
-        with open(path, "rb") as file:
-            return any(b'"type": "turn"' in line for line in file)
-    except OSError:
-        return False
+        loaded = replay_log(path)
+        header = json.loads(_read_bytes(path).split(b"\n", 1)[0].decode("utf-8"))
+    except (RinnaError, ValueError):
+        return None  # not a session log, or unreadable: not listed
+    if not loaded.turns:
+        return None
+    first = next((turn.text for turn in loaded.turns if turn.speaker == USER), "")
+    interactive = header.get("interactive") is not False  # logs written before the flag existed count as interactive
+    return SessionInfo(path, path.stem, modified, len(loaded.turns), first, interactive)
 
 
-def latest_log(folder: Path) -> Path:
-    """The session log written last that holds at least one turn."""
+def sessions(folder: Path) -> list[SessionInfo]:
+    """The session logs in ``folder`` that hold a conversation, the most recently written first."""
     logs = []
     for path in folder.glob("*.jsonl") if folder.is_dir() else ():
         try:
             logs.append((path.stat().st_mtime, path.name, path))
         except OSError:
             continue  # removed meanwhile
-    for _, _, path in sorted(logs, reverse=True):
-        if _has_turns(path):
-            return path
-    raise RinnaError(f"no saved chat session in {folder} to resume")
+    found = (_info(path, modified) for modified, _, path in sorted(logs, reverse=True))
+    return [info for info in found if info is not None]
 
 
-def save_transcript(path: Path, turns: list[Turn], model: str, settings: dict) -> Path:
-    """Write the transcript atomically (temporary file, then rename)."""
+def find_session(folder: Path, which: str = "") -> SessionInfo:
+    """The session ``which`` names: "" the last interactive one, ``N`` the N-th of :func:`sessions`,
+    else an id or the start of one (a number past the list's end is tried as an id's start too)."""
+    listed = sessions(folder)
+    if not which:
+        for info in listed:
+            if info.interactive:
+                return info
+        raise RinnaError(f"no saved chat session in {folder} to resume")
+    if which.isdigit() and 1 <= int(which) <= len(listed):
+        return listed[int(which) - 1]
+    matches = [info for info in listed if info.id == which] or [info for info in listed if info.id.startswith(which)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches and which.isdigit():
+        raise RinnaError(f"no session number {which}: {len(listed)} saved in {folder} (`rinna sessions` lists them)")
+    if not matches:
+        raise RinnaError(f"no session {which!r} in {folder} (`rinna sessions` lists them)")
+    raise RinnaError(f"{which!r} matches {len(matches)} sessions: {', '.join(m.id for m in matches[:5])}")
+
+
+def save_transcript(path: Path, turns: list[Turn], model: str, settings: dict, replace: bool = True) -> Path:
+    """Write the transcript atomically (temporary file, then rename).
+
+    ``replace=False``: an existing file is never overwritten (the temporary file is
+    hard-linked into place, which fails if the name is taken), :class:`FileExistsError`.
+    """
     document = {
         "format": TRANSCRIPT_FORMAT,
         "version": 1,
@@ -184,11 +230,33 @@ def save_transcript(path: Path, turns: list[Turn], model: str, settings: dict) -
             file.write(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        if replace:
+            os.replace(temporary, path)
+        else:
+            _link_or_create(temporary, path)
+    except FileExistsError:
+        temporary.unlink(missing_ok=True)
+        raise
     except OSError as err:
         temporary.unlink(missing_ok=True)
         raise RinnaError(f"{path}: cannot save ({err.strerror or err})") from None
     return path
+
+
+def _link_or_create(temporary: Path, path: Path) -> None:
+    """Put ``temporary`` at ``path`` unless ``path`` exists (a file system without hard links: checked first, then renamed)."""
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(temporary, path)
+        return
+    temporary.unlink()
 
 
 def load_transcript(path: Path) -> Loaded:
@@ -206,13 +274,13 @@ def load_transcript(path: Path) -> Loaded:
     except ValueError as err:
         raise RinnaError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(document, dict) or document.get("format") != TRANSCRIPT_FORMAT:
-        raise RinnaError(f"{path}: not a rinna-cli transcript (no \"format\": \"{TRANSCRIPT_FORMAT}\")")
+        raise RinnaError(f'{path}: not a rinna-cli transcript (no "format": "{TRANSCRIPT_FORMAT}")')
     turns = document.get("turns")
     if not isinstance(turns, list):
-        raise RinnaError(f"{path}: \"turns\" must be a list")
+        raise RinnaError(f'{path}: "turns" must be a list')
     model = document.get("model")
     checked = [_checked(t, path, i, with_ids=False) for i, t in enumerate(turns, 1)]
-    return Loaded(checked, model if isinstance(model, str) else None, [_time(t) for t in turns])
+    return Loaded(checked, model if isinstance(model, str) else None, _settings(document))
 
 
 def _is_session_log(data: bytes) -> bool:
@@ -233,15 +301,15 @@ def _read_bytes(path: Path) -> bytes:
         raise RinnaError(f"{path}: cannot read ({err.strerror or err})") from None
 
 
-def _time(record: dict) -> float | None:
+def _time(record: dict) -> float:
     value = record.get("time")
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
-    return None
+    return time.time()
 
 
-def _checked(record: object, path: Path, number: int, with_ids: bool):
-    """A turn record as a tuple; ``number`` is the turn's place in a transcript, or its line in a log (``with_ids``)."""
+def _checked(record: object, path: Path, number: int, with_ids: bool) -> Turn:
+    """A turn record as a :class:`Turn`; ``number`` is its place in a transcript, or its line in a log (``with_ids``)."""
     where = f"{path}: line {number}" if with_ids else f"{path}: turn {number}"
     if not isinstance(record, dict):
         raise RinnaError(f"{where}: not an object")
@@ -255,6 +323,6 @@ def _checked(record: object, path: Path, number: int, with_ids: bool):
     except UnicodeEncodeError:  # a lone surrogate written as an escape, e.g. "\ud800"
         raise RinnaError(f"{where}: text is not valid Unicode (a lone surrogate)") from None
     ids = record.get("ids") if with_ids else None
-    if ids is not None and not (isinstance(ids, list) and all(isinstance(i, int) for i in ids)):
-        ids = None
-    return speaker, text, ids, record.get("interrupted") is True
+    if not (isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)):
+        ids = []
+    return Turn(speaker, text, ids, _time(record), record.get("interrupted") is True)

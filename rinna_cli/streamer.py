@@ -158,7 +158,26 @@ class ReplyDecoder:
         return decode_newlines(text[: len(text) - keep])
 
 
-def stream_chunks(tokenizer: Tokenizer, ids: Iterable[int]) -> list[str]:
-    """What a ``ReplyDecoder`` returns for each id pushed one at a time, then for ``finish()``."""
-    decoder = ReplyDecoder(tokenizer)
-    return [decoder.push([pid]) for pid in ids] + [decoder.finish()]
+class TextDecoder:
+    """A reply that arrives as text (a server without token ids): ``<NL>`` becomes ``"\\n"`` even when split."""
+
+    def __init__(self):
+        self._held = ""
+        self.text = ""
+
+    def push(self, text: str) -> str:
+        """Take more of the reply; return the text that became printable (maybe ``""``)."""
+        text = self._held + text
+        keep = _partial_nl(text)
+        self._held = text[len(text) - keep :]
+        return self._show(text[: len(text) - keep])
+
+    def finish(self) -> str:
+        """End of the reply: return what was held back."""
+        held, self._held = self._held, ""
+        return self._show(held)
+
+    def _show(self, text: str) -> str:
+        shown = decode_newlines(text)
+        self.text += shown
+        return shown

@@ -3,7 +3,9 @@
 ``tiny_model``: a random-weight GPT-NeoX in rinna's exact folder layout, built
 once per session (milliseconds, after the transformers import).
 ``memorized_model``: the committed ``tests/fixtures/memorized`` folder, whose
-greedy replies are ``tests.fixtures.memorized_data.CONVERSATIONS``.
+greedy replies are ``tests.fixtures.memorized_data.CONVERSATIONS``; ``memorized_tokenizer``
+its tokenizer. ``scripted_engine``: a fresh :class:`tests.fakes.ScriptedEngine` (the one
+fake engine); ``run_cli``: ``rinna ARGS`` in-process (:func:`tests.fakes.run_cli`).
 Nothing here touches the network or the Hugging Face hub.
 """
 
@@ -53,3 +55,28 @@ def _isolated_app_dir(tmp_path_factory):
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def memorized_tokenizer(memorized_model):
+    """The memorized model's tokenizer (no weights loaded)."""
+    from rinna_cli.tokenizer import Tokenizer
+
+    return Tokenizer.from_folder(memorized_model)
+
+
+@pytest.fixture
+def scripted_engine(memorized_tokenizer):
+    """A fresh :class:`tests.fakes.ScriptedEngine` on the memorized tokenizer; ``.enqueue()`` its replies."""
+    from tests.fakes import ScriptedEngine
+
+    return ScriptedEngine(memorized_tokenizer)
+
+
+@pytest.fixture
+def run_cli(monkeypatch):
+    """``rinna ARGS`` in-process (see :func:`tests.fakes.run_cli`), here with the engine a test passes."""
+    from tests.fakes import run_cli
+
+    monkeypatch.delenv("RINNA_MODEL", raising=False)
+    return run_cli

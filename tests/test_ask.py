@@ -7,10 +7,11 @@ Two ways to run the command:
   pseudo-terminal, SIGINT, a terminal stdin, a closed stdin) and for one run of every kind of
   outcome, compared byte for byte with the warm runner's in ``test_real_and_warm_runs_agree``.
   The slow ones (weights loaded) start in background threads when the module starts.
-* ``warm.run(...)``: the same ``rinna_cli.cli.main()`` in a process forked, per run, from a server
-  that imported torch and transformers once (their import is ~4 s of the ~4.5 s a run takes, and
-  this file has ~80 runs). The forked process has its own stdin/stdout/stderr, argv, environment
-  and default SIGINT handling and exits with main()'s code.
+* ``warm.run(...)``: ``rinna_cli.cli.run()`` in this process (:class:`InProcessRinna`), with byte
+  streams, the run's environment and working folder, and each loaded model kept for the next run
+  (its KV cache emptied); ~80 runs take about what one process start does. Only a stdout whose
+  reader is gone (``stdout="closed-pipe"``) needs a real file descriptor: that run is forked from a
+  server that imported torch and transformers once (:class:`WarmRinna`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pathlib import Path
 import pytest
 
 from rinna_cli.errors import UsageError
-from rinna_cli.inputs import compose_question, read_stdin
+from rinna_cli.inputs import check_text, compose_question, escaped, read_stdin
 from rinna_cli.prompt import encode_newlines
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
@@ -43,16 +44,15 @@ from tests.fixtures.memorized_data import (
     SIGHTSEEING_A,
     SIGHTSEEING_Q,
 )
+from tests.helpers import RINNA, process_env
 
 ROOT = Path(__file__).resolve().parent.parent
-_SCRIPT = Path(sys.executable).with_name("rinna")
-RINNA = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "rinna_cli"]
 FOOD_Q, FOOD_A = CONVERSATIONS[2][0]
 CAT_Q, CAT_A = CONVERSATIONS[3][0]
 FIRST_TURNS = [turns[0] for turns in CONVERSATIONS]
 JSON_KEYS = ["reply", "model", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_s", "tokens_per_s"]
 STATS = re.compile(
-    r"^(\d+) tokens, prompt (\d+) \((\d+) prefilled\), first token \d+\.\d\d s, \d+\.\d tokens/s$"
+    r"^(\d+) tokens, prompt (\d+) \((\d+) prefilled\), first token \d+\.\d\d s, \d+\.\d tokens/s(?:, .+)?$"
 )
 
 
@@ -62,21 +62,13 @@ STATS = re.compile(
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("ask_env")
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RINNA_", "HF_", "HUGGINGFACE_", "PYTHON", "TRANSFORMERS_"))
-        and key not in ("FORCE_COLOR", "COLUMNS", "LINES")
-    }
-    environ.update(
-        HF_HUB_OFFLINE="1",
-        HF_HOME=str(base / "hf"),
-        RINNA_CLI_HOME=str(base / "home"),
+    return process_env(
+        base / "hf",
+        base / "home",
         OMP_NUM_THREADS="1",
         PYTHONPATH=str(ROOT),
         RINNA_DEVICE="cpu",  # the same device (and dtype) on a machine with a GPU; engine tests cover "auto"
     )
-    return environ
 
 
 def rinna(env: dict, *args: str, stdin: bytes | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -236,6 +228,68 @@ class WarmRinna:
         self.server_err.close()
 
 
+class InProcessRinna:
+    """Runs ``rinna`` through ``rinna_cli.cli.run`` here: same arguments, streams as bytes, same environment."""
+
+    def __init__(self, env: dict, workdir: Path):
+        self.env = env
+        self.workdir = workdir
+        self.engines: dict[tuple, object] = {}
+        self.forked: WarmRinna | None = None
+
+    def _open_engine(self, env, settings, tokenizer, window):
+        from rinna_cli.environment import load_engine, open_engine
+
+        if settings.endpoint:
+            return open_engine(env, settings, tokenizer, window)
+        key = (settings.model, settings.device, settings.dtype, settings.quantize)
+        if key not in self.engines:
+            self.engines[key] = load_engine(env, settings, tokenizer)
+        engine = self.engines[key]
+        engine.forget()  # every run starts with an empty KV cache, as a new process does
+        return engine
+
+    def run(self, *args: str, stdin: bytes | str | None = None, stdout: str | None = None, timeout: float = 120):
+        """``stdin``: bytes, None (/dev/null) or "closed"; ``stdout``: None (bytes) or "closed-pipe" (forked)."""
+        if stdout == "closed-pipe":
+            self.forked = self.forked or WarmRinna(self.env, self.workdir)
+            return self.forked.run(*args, stdin=stdin, stdout=stdout, timeout=timeout)
+        from rinna_cli import cli
+        from rinna_cli.environment import Environment
+
+        source = None if stdin == "closed" else io.BytesIO(stdin if isinstance(stdin, bytes) else b"")
+        out, err = io.BytesIO(), io.BytesIO()
+        streams = {
+            "stdin": None if source is None else io.TextIOWrapper(source, encoding="utf-8"),
+            "stdout": io.TextIOWrapper(out, encoding="utf-8"),
+            "stderr": io.TextIOWrapper(err, encoding="utf-8", errors="backslashreplace"),
+        }
+        saved, cwd = dict(os.environ), os.getcwd()
+        os.environ.clear()
+        os.environ.update(self.env)
+        os.chdir(ROOT)
+        torch = sys.modules.get("torch")
+        threads = torch.get_num_threads() if torch else None
+        if torch:
+            torch.set_num_threads(1)  # the environment's OMP_NUM_THREADS=1, which torch read at import
+        try:
+            env = Environment(**streams, environ=dict(self.env), open_engine=self._open_engine)
+            code = cli.run(list(args), env)
+            streams["stdout"].flush()
+            streams["stderr"].flush()
+        finally:
+            if torch:
+                torch.set_num_threads(threads)
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(saved)
+        return subprocess.CompletedProcess(["rinna", *args], code, out.getvalue(), err.getvalue())
+
+    def close(self):
+        if self.forked:
+            self.forked.close()
+
+
 def _selected(request, uses: str | None = None) -> set[str]:
     """Names of this module's tests that this pytest run will run (those taking the ``uses`` argument)."""
     return {
@@ -248,11 +302,11 @@ def _selected(request, uses: str | None = None) -> set[str]:
 
 @pytest.fixture(scope="module", autouse=True)
 def warm(request, env, tmp_path_factory):
-    """Started before the module's first test, so its imports overlap the cheap tests."""
+    """The in-process runner (its forked helper starts on first use)."""
     if not _selected(request, "warm"):
         yield None
         return
-    runner = WarmRinna(env, tmp_path_factory.mktemp("warm"))
+    runner = InProcessRinna(env, tmp_path_factory.mktemp("warm"))
     yield runner
     runner.close()
 
@@ -602,12 +656,14 @@ def test_window_boundary(warm, model, tok):
     assert "2048 tokens" in line and "at most 2047" in line
 
 
-def test_a_megabyte_on_stdin_is_refused_quickly(env, model):
+def test_a_megabyte_on_stdin_is_refused_quickly(env, model, tok):
     started = time.monotonic()
     result = rinna(env, "ask", "--model", model, stdin=b"\xe3\x81\x82" * 350000, timeout=60)
     elapsed = time.monotonic() - started
     line = error_line(result, 2)
     assert "standard input is over" in line and "bytes" in line, line
+    room = 2048 - 128 - len(prompt_ids(tok, ""))  # the README's promise: how many tokens fit
+    assert f"with max_new_tokens = 128 at most {room:,} tokens of it fit: pass a shorter text" in line, line
     assert elapsed < 20, elapsed
 
 
@@ -748,6 +804,29 @@ def test_read_stdin_refuses_non_utf8(data, offset):
         read_stdin(100, io.BytesIO(data))
     message = str(caught.value)
     assert "UTF-8" in message and "iconv" in message and f"offset {offset}" in message
+
+
+def test_read_stdin_drops_a_utf8_byte_order_mark_and_counts_offsets_with_it():
+    assert read_stdin(100, io.BytesIO(b"\xef\xbb\xbf" + "猫".encode())) == "猫"
+    with pytest.raises(UsageError, match=r"byte 0xff at offset 4\);"):
+        read_stdin(100, io.BytesIO(b"\xef\xbb\xbfa\xff"))
+
+
+@pytest.mark.parametrize(
+    "mark, name",
+    [(b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16"), (b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32")],
+)
+def test_read_stdin_names_utf16_and_utf32(mark, name):
+    with pytest.raises(UsageError) as caught:
+        read_stdin(100, io.BytesIO(mark + "猫".encode("utf-16-le")))
+    assert str(caught.value) == f"standard input is {name}, not UTF-8; convert it first, e.g. `iconv -f {name} -t UTF-8`"
+
+
+def test_check_text_refuses_surrogates_and_escaped_shows_them():
+    check_text("--model", "rinna/japanese 🍣")  # UTF-8: nothing to say
+    with pytest.raises(UsageError, match=r"^--model is not UTF-8 \(byte 0xed at offset 0 of '\\xed\\xa0\\x80'\)"):
+        check_text("--model", "\ud800")  # a surrogate no bytes made (JSON "\ud800"): still refused, no crash
+    assert escaped("a\udc80🍣") == "a\\x80🍣" and escaped("猫") == "猫"
 
 
 def test_read_stdin_keeps_text_as_is():

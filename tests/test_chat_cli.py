@@ -20,6 +20,7 @@ import pytest
 
 from rinna_cli import store
 from rinna_cli.prompt import SYSTEM, USER
+from tests.helpers import process_env
 
 TARO = ("私の名前は太郎です。", "こんにちは、太郎さん。")
 HANAKO = ("私の名前は花子です。", "こんにちは、花子さん。")
@@ -28,12 +29,7 @@ TIMEOUT = 90
 
 
 def make_env(home: Path) -> dict:
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(("RINNA_", "HF_", "PYTHON"))}
-    environ.update(
-        HF_HUB_OFFLINE="1", HF_HOME=str(home / "hf"), RINNA_CLI_HOME=str(home), OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-    )  # fmt: skip
-    return environ
+    return process_env(home / "hf", home, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
 
 
 def chat_args(model: Path, *extra: str) -> list[str]:
@@ -68,7 +64,7 @@ def turn_records(path: Path) -> list[dict]:
 
 
 def texts(path: Path) -> list[tuple[str, str]]:
-    return [(speaker, text) for speaker, text, _, _ in store.replay_log(path).turns]
+    return [(t.speaker, t.text) for t in store.replay_log(path).turns]
 
 
 def read_until(process: subprocess.Popen, expected: bytes, timeout: float = TIMEOUT) -> bytes:
@@ -211,18 +207,25 @@ def test_killed_chat_keeps_every_completed_turn(piped):
     (path,) = session_files(piped["home"])
     assert len(turn_records(path)) == 2  # and every line is valid JSON
     assert texts(path) == [(USER, TARO[0]), (SYSTEM, TARO[1])]
-    assert [t[:2] for t in store.load_transcript(piped["transcript"]).turns] == [(USER, TARO[0]), (SYSTEM, TARO[1])]
+    assert [(t.speaker, t.text) for t in store.load_transcript(piped["transcript"]).turns] == [(USER, TARO[0]), (SYSTEM, TARO[1])]
 
 
 def test_resume_and_load_continue_the_conversation(piped, memorized_model, tmp_path):
-    """``--resume`` (to the end of input) and ``--load`` (ended by SIGTERM after its reply) at once."""
+    """A session log continued with ``--load`` (to the end of input), and a transcript (ended by SIGTERM after
+    its reply) at once. ``--resume`` alone would not take the log: it was written by a piped run."""
     home = piped["home"]
     (original,) = session_files(home)
     before = original.read_bytes()
+    not_resumed = subprocess.run(
+        chat_args(memorized_model, "--resume"), input=b"", capture_output=True, env=make_env(home), cwd=home,
+        timeout=TIMEOUT,
+    )  # fmt: skip
+    assert not_resumed.returncode == 1
+    assert not_resumed.stderr.decode().startswith("rinna: error: no saved chat session in ")
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     loading = open_chat(memorized_model, fresh, "--load", str(piped["transcript"]))
-    resuming = start(memorized_model, home, f"{NAME_Q}\n", "--resume")
+    resuming = start(memorized_model, home, f"{NAME_Q}\n", "--load", str(original))
     shown = kill_after(loading, NAME_Q, "太郎さんです。", signal.SIGTERM)
     (resumed,) = finish([resuming])
     assert resumed.returncode == 0, resumed.stderr.decode()

@@ -25,23 +25,22 @@ pexpect = pytest.importorskip("pexpect")
 
 from rinna_cli import store  # noqa: E402
 from rinna_cli.prompt import SYSTEM, USER  # noqa: E402
+from tests.helpers import process_env  # noqa: E402
 
 TIMEOUT = 60
 # prompt_toolkit turns bracketed paste on each time it shows the prompt (and off when a line is accepted).
 PROMPT = "\x1b[?2004h"
 ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[()=>][0-9A-Za-z]?|\r")
+# The spinner before the first token: each braille frame is drawn, then the cursor steps back over it.
+SPINNER = re.compile("(?:\x1b\\[2m)?[\u2800-\u28ff](?:\x1b\\[22m)?\x08")
 
 
 def plain(text: str) -> str:
-    return ANSI.sub("", text)
+    return ANSI.sub("", SPINNER.sub("", text))
 
 
 def spawn(model: Path, home: Path, *extra: str):
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(("RINNA_", "HF_", "PYTHON"))}
-    environ.update(
-        HF_HUB_OFFLINE="1", HF_HOME=str(home / "hf"), RINNA_CLI_HOME=str(home), OMP_NUM_THREADS="1",
-        TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1",
-    )  # fmt: skip
+    environ = process_env(home / "hf", home, OMP_NUM_THREADS="1", TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
     child = pexpect.spawn(
         sys.executable, ["-m", "rinna_cli", "chat", "--model", str(model), *extra],
         env=environ, cwd=str(home), dimensions=(30, 120), encoding="utf-8", timeout=TIMEOUT,
@@ -70,7 +69,7 @@ def session_log(home: Path, model: Path) -> Path:
 
 
 def logged(home: Path, model: Path) -> list[tuple[str, str, bool]]:
-    return [(speaker, text, interrupted) for speaker, text, _, interrupted in store.replay_log(session_log(home, model)).turns]
+    return [(t.speaker, t.text, t.interrupted) for t in store.replay_log(session_log(home, model)).turns]
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +114,7 @@ def chats(memorized_model, endless_model, tmp_path_factory):
 def test_terminal_chat_with_the_memorized_model(chats, memorized_model):
     child, home = chats["memorized"], chats["home"]
     child.expect_exact(PROMPT)
-    assert "/help for commands" in plain(child.before)
+    assert "Alt+Enter for a new line · /help for commands" in plain(child.before)
     assert (home / "history").is_file()
 
     # Japanese typed at the terminal, its UTF-8 bytes arriving in two pieces as an IME may commit them.
@@ -124,7 +123,9 @@ def test_terminal_chat_with_the_memorized_model(chats, memorized_model):
     time.sleep(0.1)
     os.write(child.child_fd, data[4:])
     child.expect_exact(PROMPT)
-    assert "システム: こんにちは、花子さん。" in plain(child.before)
+    # A spinner waits for the first token, erased as the text comes; a blank line ends the turn.
+    assert re.search("システム: (?:\x1b\\[0m)?\x1b\\[2m\u280b\x1b\\[22m\x08.*\x1b\\[Kこんにちは", child.before, re.S)
+    assert "システム: こんにちは、花子さん。\n\n" in plain(child.before)
 
     assert "システム: 花子さんです。" in submit(child, "私の名前は何ですか?")
 
@@ -160,14 +161,40 @@ def test_terminal_chat_with_the_memorized_model(chats, memorized_model):
     assert logged(home, memorized_model)[-2] == (USER, "三行目\n四行目", False)
 
     assert "context used: " in submit(child, "/show")
-    assert "unknown command /nope" in submit(child, "/nope")
+    child.send("/nope\r")
+    child.expect_exact(PROMPT)
+    assert "\x1b[31merror: unknown command /nope" in child.before  # errors in red, not dim
+
+    # Tab completes a command; Ctrl-C at an empty prompt says how to quit.
+    child.send("/his\t")
+    expect_typed(child, "/history")
+    child.send("\x03")
+    child.expect_exact(PROMPT)
+    child.send("\x03")
+    child.expect_exact("(Ctrl-D or /exit to quit)")
+    child.expect_exact(PROMPT)
+
+    # The continuation lines of a multi-line reply (and of a typed message) are indented under the label.
+    submit(child, "/reset")
+    shown = submit(child, "吾輩は何ですか?")
+    assert "システム: 吾輩は  猫である。\n          名前はまだ無い。\n          どこで生れたかとんと見当がつかぬ。\n\n" in shown
+    child.send("一\x1b\r")
+    child.send("二")
+    # prompt_toolkit draws the continuation's ten blank cells as a cursor move (ESC [10C) or spaces
+    escapes = r"(?:\x1b\[[0-9;?]*[ -/]*[@-~]| \x08)*"
+    child.expect(rf"\n{escapes}(?:\x1b\[10C| {{10}}){escapes}二")
 
     # Ctrl-D at an empty prompt quits with status 0.
+    child.send("\x03")
+    child.expect_exact(PROMPT)
     child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0 and child.signalstatus is None
-    assert len(logged(home, memorized_model)) == 8
+    assert logged(home, memorized_model) == [
+        (USER, "吾輩は何ですか?", False),
+        (SYSTEM, "吾輩は  猫である。\n名前はまだ無い。\nどこで生れたかとんと見当がつかぬ。", False),
+    ]
 
 
 def test_ctrl_c_stops_a_reply_and_keeps_it(chats, endless_model):
@@ -176,13 +203,21 @@ def test_ctrl_c_stops_a_reply_and_keeps_it(chats, endless_model):
     child.send("こんにちは\r")
     child.expect_exact("システム: ")
     child.expect(r"[^\x1b\r\n]{12}")  # the reply is streaming
+    child.send("xyz")  # typed while it streams: not shown in the reply, kept for the next prompt
+    time.sleep(0.3)
     child.send("\x03")
     child.expect_exact("[interrupted]")
+    reply = child.before
+    assert "xyz" not in reply and "^C" not in reply
+    assert re.search(r"(?:\S|^ {10}) $", plain(reply), re.M)  # the mark follows the text (or the indent) cleanly
     child.expect_exact(PROMPT)
     child.expect_exact("ユーザー: ")  # the REPL is back
+    expect_typed(child, "xyz")
+    child.send("\x03")  # clears it
+    child.expect_exact(PROMPT)
     speaker, text, interrupted = logged(home, endless_model)[-1]
     assert speaker == SYSTEM and interrupted and text
-    assert len(store.replay_log(session_log(home, endless_model)).turns[-1][2]) < 1500 + 3  # stopped early
+    assert len(store.replay_log(session_log(home, endless_model)).turns[-1].ids) < 1500 + 3  # stopped early
 
     shown = submit(child, "/history")
     assert "ユーザー: こんにちは\n" in shown

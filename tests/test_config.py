@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import pytest
@@ -50,16 +49,14 @@ def test_shipped_defaults_follow_the_model_card(home):
     assert type(settings.top_k) is int and type(settings.max_new_tokens) is int and type(settings.temperature) is float
 
 
-def test_generation_holds_only_sampling_options(home):
+def test_sampling_holds_only_sampling_options(home):
+    from rinna_cli.contract import Sampling
+
     settings, _ = load()
-    assert settings.generation() == {
-        "temperature": 0.7,
-        "top_p": 1.0,
-        "top_k": 50,
-        "repetition_penalty": 1.0,
-        "max_new_tokens": 128,
-        "seed": -1,
-    }
+    assert settings.sampling() == Sampling(
+        temperature=0.7, top_p=1.0, top_k=50, repetition_penalty=1.0, max_new_tokens=128, seed=-1
+    )
+    assert type(settings.sampling().top_k) is int and type(settings.sampling().temperature) is float
 
 
 def test_user_config_path_follows_rinna_cli_home(home):
@@ -117,6 +114,7 @@ def test_every_key_has_an_environment_variable(home):
         "RINNA_SEED": "42",
         "RINNA_ENDPOINT": "http://gpu-box:8000/v1",
         "RINNA_API_KEY_ENV": "GPU_BOX_KEY",
+        "RINNA_SYSTEM_MESSAGES": "merge",
     }
     settings, _ = load(environ=environ)
     assert dataclasses.asdict(settings) == {
@@ -132,6 +130,7 @@ def test_every_key_has_an_environment_variable(home):
         "seed": 42,
         "endpoint": "http://gpu-box:8000/v1",
         "api_key_env": "GPU_BOX_KEY",
+        "system_messages": "merge",
     }
 
 
@@ -184,6 +183,7 @@ def test_wrong_types_in_file(home, line, key, kind):
     [
         ('device = "tpu"', "device must be one of auto, cpu, cuda, mps"),
         ('dtype = "int8"', "dtype must be one of auto, float32, bfloat16, float16"),
+        ('system_messages = "drop"', "system_messages must be one of reject, merge (got 'drop')"),
         ('model = ""', "model must be a non-empty string"),
         ("model = 3", "model must be a non-empty string"),
     ],
@@ -193,6 +193,13 @@ def test_bad_choices_in_file(home, line, message):
     with pytest.raises(UsageError) as err:
         load()
     assert str(err.value).startswith(f"{path}: {message}")
+
+
+def test_system_messages_default_to_reject_and_are_configurable(home):
+    assert load()[0].system_messages == "reject"  # rinna's exact format unless asked otherwise
+    write_config(home, 'system_messages = "merge"\n')
+    assert load()[0].system_messages == "merge"
+    assert load(environ={"RINNA_SYSTEM_MESSAGES": "reject"})[0].system_messages == "reject"
 
 
 def test_bad_environment_value_names_the_variable(home):

@@ -6,12 +6,14 @@ from __future__ import annotations
 import pickle
 import shutil
 import threading
+from dataclasses import replace
 
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from rinna_cli import engine as engine_module  # noqa: E402
+from rinna_cli.contract import Sampling, Step  # noqa: E402
 from rinna_cli.engine import Engine, resolve_device, resolve_dtype  # noqa: E402
 from rinna_cli.errors import ModelError  # noqa: E402
 from rinna_cli.prompt import decode_newlines, encode_newlines  # noqa: E402
@@ -29,10 +31,14 @@ from tests.fixtures.memorized_data import (  # noqa: E402
 TOKENIZER_FILES = ("spiece.model", "config.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
-def options(**changes) -> dict:
-    base = {"temperature": 0.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 128, "seed": 0}
-    base.update(changes)
-    return base
+def options(**changes) -> Sampling:
+    base = Sampling(temperature=0.0, top_p=1.0, top_k=50, repetition_penalty=1.0, max_new_tokens=128, seed=0)
+    return replace(base, **changes)
+
+
+def texts(chunks: list[str]):
+    """An ``on_step`` that collects the steps' non-empty text."""
+    return lambda step: chunks.append(step.text) if step.text else None
 
 
 GREEDY = options()
@@ -272,8 +278,10 @@ def test_streamed_chunks_join_to_the_reply(fresh, tok, turns):
     conversation = Conversation(tok)
     conversation.add_user(question)
     chunks: list[str] = []
-    reply = fresh.generate(conversation.prompt_ids(), GREEDY, on_text=chunks.append)
+    steps: list[Step] = []
+    reply = fresh.generate(conversation.prompt_ids(), GREEDY, on_step=lambda step: (steps.append(step), texts(chunks)(step)))
     assert "".join(chunks) == reply.text == answer
+    assert [i for step in steps for i in step.ids] == reply.ids + [tok.special.eos]  # every generated id, once
     assert all(chunks) and "\ufffd" not in "".join(chunks)
     assert not any("<NL>" in chunk or "</s>" in chunk for chunk in chunks)
     if any(char in answer for char in BYTE_FALLBACK_CHARS):
@@ -287,11 +295,12 @@ def test_stop_event_ends_generation_within_a_token(fresh, tok):
     stop = threading.Event()
     chunks: list[str] = []
 
-    def on_text(chunk: str) -> None:
-        chunks.append(chunk)
-        stop.set()
+    def on_step(step: Step) -> None:
+        if step.text:
+            chunks.append(step.text)
+            stop.set()
 
-    reply = fresh.generate(sightseeing_prompt(tok), GREEDY, on_text=on_text, stop=stop)
+    reply = fresh.generate(sightseeing_prompt(tok), GREEDY, on_step=on_step, stop=stop)
     assert reply.finish_reason == "interrupted"
     assert 1 <= reply.completion_tokens <= 2
     assert SIGHTSEEING_A.startswith(reply.text) and reply.text
@@ -307,12 +316,12 @@ def test_a_stop_event_set_before_generating_gives_one_token(fresh, tok):
     assert reply.finish_reason == "interrupted" and reply.completion_tokens == 1
 
 
-def test_an_exception_from_on_text_propagates_and_the_engine_recovers(fresh, tok):
-    def broken(_chunk):
+def test_an_exception_from_on_step_propagates_and_the_engine_recovers(fresh, tok):
+    def broken(_step):
         raise BrokenPipeError(32, "Broken pipe")
 
     with pytest.raises(BrokenPipeError):
-        fresh.generate(sightseeing_prompt(tok), GREEDY, on_text=broken)
+        fresh.generate(sightseeing_prompt(tok), GREEDY, on_step=broken)
     reply = fresh.generate(sightseeing_prompt(tok), GREEDY)
     assert reply.text == SIGHTSEEING_A and reply.prefilled_tokens == reply.prompt_tokens
 
@@ -339,7 +348,7 @@ def test_same_seed_same_sample_different_seed_different(tiny_engine):
     tiny_engine.forget()
     second = tiny_engine.generate(prompt, sample)
     assert first.ids == second.ids and first.text == second.text
-    third = tiny_engine.generate(prompt, dict(sample, seed=8))
+    third = tiny_engine.generate(prompt, replace(sample, seed=8))
     assert third.ids != first.ids
 
 

@@ -1,4 +1,4 @@
-"""int8 weights: exact replies with both kernels, the on-disk cache, and its failure modes."""
+"""int8 weights: exact replies with every kernel the planner can choose, the on-disk cache, its failure modes."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoConfig
 
-from rinna_cli import int8
+from rinna_cli import checkpoint, int8, kernels
 from rinna_cli.engine import Engine, resolve_quantize
 from rinna_cli.errors import ModelError, UsageError
-from rinna_cli.session import Conversation
+from rinna_cli.quantized import load_quantized
 from rinna_cli.tokenizer import Tokenizer
-from tests.fixtures.memorized_data import CONVERSATIONS
-
-GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0, "max_new_tokens": 96, "seed": 0}
+from tests.greedy import EXPECTED, replies
 
 
 @pytest.fixture(scope="module")
@@ -31,50 +30,49 @@ def model_copy(memorized_model, tmp_path) -> Path:
     return folder
 
 
-def replies(engine: Engine, tok: Tokenizer) -> list[list[str]]:
-    out = []
-    for turns in CONVERSATIONS:
-        conversation, texts = Conversation(tok), []
-        for question, _ in turns:
-            conversation.add_user(question)
-            reply = engine.generate(conversation.prompt_ids(), GREEDY)
-            conversation.add_reply(reply.text, reply.ids)
-            texts.append(reply.text)
-        out.append(texts)
-    return out
+# Most tests force a plan: measuring (a child process and a few seconds) is tested once here and in test_kernels.py.
+FIXED = kernels.Plan({"int8": ("int_mm", "int_mm")}, "float32")
 
 
-EXPECTED = [[answer for _, answer in turns] for turns in CONVERSATIONS]
+def load(folder: Path, cache: Path, plan: kernels.Plan | None = FIXED):
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    return load_quantized(folder, files, AutoConfig.from_pretrained(folder), cache, "int8", plan=plan)
 
 
-def load(folder: Path, tok: Tokenizer, cache: Path) -> Engine:
-    return Engine.load(folder, "memorized", tok, "cpu", "auto", "auto", cache)
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+@pytest.mark.parametrize("kernel", int8.Int8Linear.KERNELS)
+def test_every_kernel_gives_the_memorized_replies(memorized_model, tok, tmp_path, kernel, activation):
+    model, plan = load(memorized_model, tmp_path, kernels.Plan({"int8": (kernel, kernel)}, activation))
+    assert plan.describe() == f"int8 decode {kernel}, prefill {kernel}; {activation}"
+    assert model.lm_head.decode == model.gpt_neox.layers[0].mlp.dense_h_to_4h.prefill == kernel
+    assert model.gpt_neox.embed_in.weight.dtype == kernels.ACTIVATIONS[activation]
+    assert replies(model, tok)[0] == EXPECTED
 
 
-@pytest.mark.parametrize("kernel", int8.KERNELS)
-def test_both_kernels_give_the_memorized_replies(memorized_model, tok, tmp_path, monkeypatch, kernel):
-    monkeypatch.setattr(int8.Int8Linear, "kernel", kernel)
-    engine = load(memorized_model, tok, tmp_path)
-    assert engine.dtype == "int8"
-    assert all(isinstance(m, int8.Int8Linear) for m in (engine.model.lm_head, engine.model.gpt_neox.layers[0].mlp.dense_h_to_4h))
-    assert replies(engine, tok) == EXPECTED
-
-
-def test_int_mm_is_the_kernel_here():
-    assert int8.best_kernel() == "int_mm" == int8.Int8Linear.kernel
+def test_decode_and_prefill_kernels_mix(memorized_model, tok, tmp_path):
+    model, _ = load(memorized_model, tmp_path, kernels.Plan({"int8": ("int8pack", "int_mm")}, "bfloat16"))
+    seen = []
+    layer = model.gpt_neox.layers[0].attention.dense
+    for name in ("int8pack", "int_mm"):
+        function = int8.Int8Linear.KERNELS[name]
+        layer.KERNELS = {**layer.KERNELS, name: lambda m, x, f=function, n=name: seen.append((n, x.shape[0])) or f(m, x)}
+    replies(model, tok)
+    assert {n for n, rows in seen if rows == 1} == {"int8pack"}
+    assert {n for n, rows in seen if rows > int8.DECODE_ROWS} == {"int_mm"}
 
 
 def test_kernels_agree_with_the_dequantized_matmul():
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
     module = int8.Int8Linear.quantize(linear)
-    x = torch.randn(3, 5, 96)
-    want = x.to(torch.bfloat16).float() @ (module.weight.float() * module.scale.float()[:, None]).t() + module.bias.float()
-    for kernel in int8.KERNELS:
-        module.kernel = kernel
-        got = module(x.to(torch.bfloat16))
-        assert got.shape == (3, 5, 40) and got.dtype == torch.float32
-        assert ((got.float() - want).norm() / want.norm()) < 0.02
+    for rows in (1, 15):
+        x = torch.randn(rows, 96)
+        want = x @ (module.weight.float() * module.scale.float()[:, None]).t() + module.bias.float()
+        for kernel in int8.Int8Linear.KERNELS:
+            module.decode = module.prefill = kernel
+            got = module(x)
+            assert got.shape == (rows, 40) and got.dtype == torch.float32
+            assert ((got - want).norm() / want.norm()) < 0.02, kernel
 
 
 def test_quantize_weight_error_is_half_a_step_per_row():
@@ -86,22 +84,26 @@ def test_quantize_weight_error_is_half_a_step_per_row():
     assert (error <= scale.float()[:, None] * 0.51 + weight.abs() * 0.01).all()
 
 
-def test_the_cache_is_written_once_and_then_used(memorized_model, tok, tmp_path, monkeypatch):
-    first = load(memorized_model, tok, tmp_path)
-    files = list((tmp_path / "int8").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".safetensors"
+def test_the_cache_and_plan_are_made_once_and_then_used(memorized_model, tok, tmp_path, monkeypatch):
+    first, plan = load(memorized_model, tmp_path, plan=None)
+    assert set(plan.kernels) == {"int8"} and plan.activation in kernels.ACTIVATIONS
+    files = sorted(p.name for p in (tmp_path / "int8").iterdir())
+    assert len(files) == 2 and files[0].endswith(".plan.json") and files[1].endswith(".safetensors")
 
-    def no_quantizing(*args, **kwargs):
-        raise AssertionError("quantized again although the cache was there")
+    def never(*args, **kwargs):
+        raise AssertionError("done again although the cache was there")
 
-    monkeypatch.setattr(int8, "quantize_checkpoint", no_quantizing)
-    second = load(memorized_model, tok, tmp_path)
-    assert replies(second, tok) == replies(first, tok) == EXPECTED
+    monkeypatch.setattr(checkpoint, "quantize_into", never)
+    monkeypatch.setattr(kernels, "measure", never)
+    monkeypatch.setattr(kernels, "start_probe", never)
+    second, again = load(memorized_model, tmp_path, plan=None)
+    assert again == plan
+    assert replies(second, tok)[0] == replies(first, tok)[0] == EXPECTED
 
 
-def test_the_cache_is_aligned_and_holds_only_int8_linears(memorized_model, tok, tmp_path):
-    load(memorized_model, tok, tmp_path)
-    (path,) = (tmp_path / "int8").iterdir()
+def test_the_cache_is_aligned_and_holds_only_int8_linears(memorized_model, tmp_path):
+    load(memorized_model, tmp_path)
+    (path,) = (tmp_path / "int8").glob("*.safetensors")
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad")}
     assert all(v.data_ptr() % 64 == 0 for v in state.values())
     assert state["lm_head.weight"].dtype == torch.int8 and state["lm_head.scale"].dtype == torch.float32
@@ -109,28 +111,28 @@ def test_the_cache_is_aligned_and_holds_only_int8_linears(memorized_model, tok, 
     assert "embed_out.weight" not in state
 
 
-def test_changed_weights_get_a_new_cache_entry(model_copy, tok, tmp_path):
+def test_changed_weights_get_a_new_cache_entry(model_copy, tmp_path):
     cache = tmp_path / "cache"
-    load(model_copy, tok, cache)
+    load(model_copy, cache)
     weights = model_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes())  # same bytes, new modification time
-    load(model_copy, tok, cache)
-    assert len(list((cache / "int8").iterdir())) == 2
+    load(model_copy, cache)
+    assert len(list((cache / "int8").glob("*.safetensors"))) == 2
 
 
 def test_a_damaged_cache_is_rebuilt(memorized_model, tok, tmp_path):
-    load(memorized_model, tok, tmp_path)
-    (path,) = (tmp_path / "int8").iterdir()
+    load(memorized_model, tmp_path)
+    (path,) = (tmp_path / "int8").glob("*.safetensors")
     path.write_bytes(path.read_bytes()[:1000])
-    assert replies(load(memorized_model, tok, tmp_path), tok) == EXPECTED
+    assert replies(load(memorized_model, tmp_path)[0], tok)[0] == EXPECTED
     assert path.stat().st_size > 1000
 
 
-def test_an_unwritable_cache_is_one_clear_error(memorized_model, tok, tmp_path):
+def test_an_unwritable_cache_is_one_clear_error(memorized_model, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(ModelError) as raised:
-        load(memorized_model, tok, blocker)
+        load(memorized_model, blocker)
     message = str(raised.value)
     assert "\n" not in message and "--quantize none" in message and str(blocker) in message
 
@@ -139,22 +141,26 @@ def test_a_pickle_checkpoint_is_quantized_too(model_copy, tok, tmp_path):
     state = load_file(str(model_copy / "model.safetensors"))
     (model_copy / "model.safetensors").unlink()
     torch.save(state, model_copy / "pytorch_model.bin")
-    assert replies(load(model_copy, tok, tmp_path / "cache"), tok) == EXPECTED
+    assert replies(load(model_copy, tmp_path / "cache")[0], tok)[0] == EXPECTED
+
+
+# --- the engine's choice of path (rinna_cli.engine) ---------------------------------------
 
 
 def test_quantize_choices():
-    assert resolve_quantize("auto", "cpu", "auto") is True
-    assert resolve_quantize("auto", "cpu", "float32") is False  # an explicit dtype wins
-    assert resolve_quantize("auto", "cuda", "auto") is False
-    assert resolve_quantize("none", "cpu", "auto") is False
-    assert resolve_quantize("int8", "cpu", "float32") is True
+    assert resolve_quantize("auto", "cpu", "auto") == "int8"
+    assert resolve_quantize("auto", "cpu", "float32") is None  # an explicit dtype wins
+    assert resolve_quantize("auto", "cuda", "auto") is None
+    assert resolve_quantize("none", "cpu", "auto") is None
+    assert resolve_quantize("int8", "cpu", "auto") == "int8"
+    assert resolve_quantize("int4", "cpu", "auto") == "int4"
     with pytest.raises(UsageError, match="CPU only"):
-        resolve_quantize("int8", "cuda", "auto")
-    with pytest.raises(UsageError, match="float32"):
-        resolve_quantize("int8", "cpu", "bfloat16")
+        resolve_quantize("int4", "cuda", "auto")
+    with pytest.raises(UsageError, match=r"float32 or bfloat16, measured on this machine\); drop --dtype float32"):
+        resolve_quantize("int8", "cpu", "float32")
 
 
 def test_quantize_none_loads_full_precision(memorized_model, tok, tmp_path):
     engine = Engine.load(memorized_model, "memorized", tok, "cpu", "auto", "none", tmp_path)
     assert engine.dtype == "bfloat16" and not (tmp_path / "int8").exists()
-    assert replies(engine, tok) == EXPECTED
+    assert replies(engine.model, tok)[0] == EXPECTED

@@ -19,25 +19,31 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from rinna_cli.contract import Sampling, Step
 from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.prompt import encode_newlines
 from rinna_cli.remote import EndpointError, RemoteEngine, base_url, connect
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
 from tests.fixtures.memorized_data import CONVERSATIONS
+from tests.helpers import RINNA, process_env
 
 ROOT = Path(__file__).resolve().parent.parent
-_SCRIPT = Path(sys.executable).with_name("rinna")
-RINNA = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "rinna_cli"]
 SERVED = "rinna-test"
 KEY = "sekret-key-0123456789"
 FIRST_TURNS = [turns[0] for turns in CONVERSATIONS]
-OPTIONS = {"temperature": 0.0, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.1, "max_new_tokens": 64, "seed": 7}
+OPTIONS = Sampling(temperature=0.0, top_p=0.9, top_k=0, repetition_penalty=1.1, max_new_tokens=64, seed=7)
+
+
+def texts(chunks: list[str]):
+    """An ``on_step`` that collects the steps' non-empty text."""
+    return lambda step: chunks.append(step.text) if step.text else None
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +82,12 @@ class Fake:
         self.client_gone = threading.Event()
         self.chunks_sent = 0
         self.release = threading.Event()  # ends a "hang"
+        self.reply_override: list[int] | None = None  # ids to answer every prompt with (a model of another tokenizer)
 
     def answer_for(self, prompt: list[int]) -> tuple[list[int], str]:
         """The memorized reply to the last question in ``prompt`` (the ids with </s>, and the text with <NL>)."""
+        if self.reply_override is not None:
+            return self.reply_override, ""
         for question, reply in FIRST_TURNS:
             if prompt == prompt_for(self.tokenizer, question):
                 return reply_ids(self.tokenizer, reply), encode_newlines(reply)
@@ -184,7 +193,7 @@ class Handler(BaseHTTPRequestHandler):
         if with_ids or with_token_strings:
             for index, pid in enumerate(ids):  # one id per chunk: byte-fallback characters arrive split
                 last = index == len(ids) - 1
-                piece = "" if last else self.fake.tokenizer.decode([pid])
+                piece = "" if last or pid >= self.fake.tokenizer.vocab_size else self.fake.tokenizer.decode([pid])
                 choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": "stop" if last else None}
                 if with_ids:
                     choice["token_ids"] = [pid]
@@ -249,7 +258,7 @@ def test_token_ids_stream_decoded_locally(fake, url, tokenizer):
     for question, answer in FIRST_TURNS:
         chunks: list[str] = []
         prompt = prompt_for(tokenizer, question)
-        reply = engine.generate(prompt, OPTIONS, chunks.append)
+        reply = engine.generate(prompt, OPTIONS, texts(chunks))
         assert "".join(chunks) == reply.text == answer
         assert all("\ufffd" not in chunk for chunk in chunks)
         assert reply.ids == reply_ids(tokenizer, answer)[:-1]
@@ -271,7 +280,7 @@ def test_token_ids_stream_decoded_locally(fake, url, tokenizer):
 
 
 def test_random_seed_is_not_sent(fake, url, tokenizer):
-    remote(url, tokenizer).generate(prompt_for(tokenizer, FIRST_TURNS[1][0]), {**OPTIONS, "seed": -1})
+    remote(url, tokenizer).generate(prompt_for(tokenizer, FIRST_TURNS[1][0]), replace(OPTIONS, seed=-1))
     body = completions(fake)[0]
     assert "seed" not in body
     assert not any("Authorization" in r["headers"] for r in fake.requests)  # no key, no header
@@ -301,7 +310,7 @@ def test_text_only_server_works_with_one_warning(fake, url, tokenizer):
     engine = remote(url, tokenizer, warnings)
     for question, answer in (FIRST_TURNS[0], FIRST_TURNS[3]):  # multi-line: <NL> arrives split over chunks
         chunks: list[str] = []
-        reply = engine.generate(prompt_for(tokenizer, question), OPTIONS, chunks.append)
+        reply = engine.generate(prompt_for(tokenizer, question), OPTIONS, texts(chunks))
         assert "".join(chunks) == reply.text == answer
         assert reply.finish_reason == "stop"
         assert reply.ids == tokenizer.encode(encode_newlines(answer))  # read back as the card encodes it
@@ -344,6 +353,59 @@ def test_served_model_and_window_come_from_the_model_list(fake, url, tokenizer):
     engine = remote(url, tokenizer)
     engine.check()
     assert engine.served_model == SERVED
+
+
+# --- another tokenizer than the served model's ------------------------------------------------------
+
+
+def test_a_vocabulary_size_that_differs_warns_once(fake, url, tokenizer):
+    fake.models = {"data": [{"id": SERVED, "max_model_len": 2048, "vocab_size": 32000}]}
+    warnings: list[str] = []
+    engine = remote(url, tokenizer, warnings)
+    engine.check()
+    question, answer = FIRST_TURNS[0]
+    assert engine.generate(prompt_for(tokenizer, question), OPTIONS).text == answer
+    assert warnings == [
+        f"{url}/v1: the served model has 32000 token ids, the tokenizer of --model {SERVED} 482; replies are decoded "
+        "with --model's tokenizer, so if it is not the served model's they come out wrong: pass the served model's "
+        "hub id or folder as --model"
+    ]
+    fake.models = {"data": [{"id": SERVED, "vocab_size": 482}]}
+    quiet: list[str] = []
+    remote(url, tokenizer, quiet).check()
+    assert quiet == []
+
+
+def test_a_reply_of_ids_that_decode_to_nothing_warns_once(fake, url, tokenizer):
+    special = tokenizer.special
+    fake.models = {"data": [{"id": "org/other-model"}]}  # a name alone proves nothing: no warning yet
+    fake.reply_override = [special.pad, special.bos, special.pad, special.eos]
+    warnings: list[str] = []
+    engine = remote(url, tokenizer, warnings)
+    engine.check()
+    assert warnings == []
+    for _ in range(2):
+        reply = engine.generate(prompt_for(tokenizer, "猫"), OPTIONS)
+        assert reply.text == "" and reply.finish_reason == "stop"
+    assert len(warnings) == 1
+    assert warnings[0].startswith(
+        f"{url}/v1: the reply's 3 token ids decode to no text; the server serves 'org/other-model', not --model "
+        f"{SERVED}; replies are decoded with --model's tokenizer"
+    )
+    fake.reply_override = [special.eos]  # an empty reply that is only </s> is no sign
+    fine: list[str] = []
+    remote(url, tokenizer, fine).generate(prompt_for(tokenizer, "猫"), OPTIONS)
+    assert fine == []
+
+
+def test_an_id_outside_the_tokenizer_fails_in_one_line(fake, url, tokenizer):
+    fake.reply_override = [5, 31999, tokenizer.special.eos]
+    with pytest.raises(EndpointError) as err:
+        remote(url, tokenizer).generate(prompt_for(tokenizer, "猫"), OPTIONS)
+    assert str(err.value) == (
+        f"{url}/v1: the server returned token id 31999, outside the 482 ids of --model {SERVED}'s tokenizer: the "
+        "served model's tokenizer is another; pass the served model's hub id or folder as --model"
+    )
 
 
 # --- failures: one line naming the endpoint ------------------------------------------------------
@@ -437,13 +499,14 @@ def test_stop_closes_the_stream(fake, url, tokenizer):
     stop = threading.Event()
     chunks: list[str] = []
 
-    def on_text(text: str) -> None:
-        chunks.append(text)
+    def on_step(step: Step) -> None:
+        if step.text:
+            chunks.append(step.text)
         if len(chunks) == 3:
             stop.set()  # as Ctrl-C does
 
     started = time.monotonic()
-    reply = remote(url, tokenizer).generate(prompt_for(tokenizer, "こんにちは"), OPTIONS, on_text, stop)
+    reply = remote(url, tokenizer).generate(prompt_for(tokenizer, "こんにちは"), OPTIONS, on_step, stop)
     assert reply.finish_reason == "interrupted" and reply.text.startswith("".join(chunks[:3]))
     assert time.monotonic() - started < 5
     assert fake.client_gone.wait(5)  # the server noticed: it could stop generating
@@ -466,16 +529,9 @@ def test_stop_while_the_server_is_silent(fake, url, tokenizer):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
     base = tmp_path_factory.mktemp("remote_env")
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RINNA_", "HF_", "HUGGINGFACE_", "PYTHON", "TRANSFORMERS_"))
-    }
-    environ.update(
-        HF_HUB_OFFLINE="1", HF_HOME=str(base / "hf"), RINNA_CLI_HOME=str(base / "home"), OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT), RINNA_DEVICE="cpu", RINNA_QUANTIZE="none",
-    )  # fmt: skip
-    return environ
+    return process_env(
+        base / "hf", base / "home", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RINNA_DEVICE="cpu", RINNA_QUANTIZE="none"
+    )
 
 
 def rinna(env: dict, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess:
@@ -522,6 +578,15 @@ def test_ask_endpoint_text_only_warns_once(fake, url, env, memorized_model):
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == (answer + "\n").encode()
     assert result.stderr.decode().count("rinna: warning:") == 1
+
+
+def test_ask_endpoint_with_another_tokenizer_warns(fake, url, env, memorized_model):
+    special = Tokenizer.from_folder(memorized_model).special
+    fake.reply_override = [special.pad, special.pad, special.eos]
+    result = rinna(env, "ask", "--endpoint", url, "--model", str(memorized_model), "q")
+    assert result.returncode == 0 and result.stdout == b"\n"
+    stderr = result.stderr.decode()
+    assert stderr.count("rinna: warning:") == 1 and "the reply's 2 token ids decode to no text" in stderr
 
 
 def test_bad_endpoint_is_a_usage_error(env, memorized_model):

@@ -169,3 +169,78 @@ def test_write_flushes_each_chunk():
     view.write("")
     view.write("い")
     assert out.getvalue() == "あい"
+
+
+# --- a chat's turns on a terminal ------------------------------------------------
+
+
+def test_tty_continuation_lines_are_indented_under_the_label():
+    view, out = terminal_view()
+    view.label("システム")
+    for chunk in ("吾輩は  猫である。\n名前は", "まだ無い。\n", "\nどこで"):
+        view.write(chunk)
+    view.end(gap=True)
+    # "システム: " is ten cells wide; a blank line inside the reply gets no trailing spaces.
+    assert out.getvalue() == "システム: 吾輩は  猫である。\n          名前はまだ無い。\n\n          どこで\n\n"
+
+
+def test_pipe_reply_is_never_indented_nor_gapped():
+    out = io.StringIO()
+    view = ReplyView(out, tty=False)
+    view.label("システム")
+    view.write("一\n二")
+    view.end(gap=True)
+    assert out.getvalue() == "一\n二\n"
+
+
+@pytest.mark.parametrize(
+    ("chunks", "shown"),
+    [(["一二三"], "システム: 一二三 [interrupted]\n"), (["一\n"], "システム: 一\n          [interrupted]\n"),
+     ([], "システム: [interrupted]\n")],
+)  # fmt: skip
+def test_tty_interrupted_mark_sits_clean(chunks, shown):
+    view, out = terminal_view()
+    view.label("システム")
+    for chunk in chunks:
+        view.write(chunk)
+    view.end("interrupted")
+    assert out.getvalue() == shown
+
+
+def test_tty_abandon_erases_an_empty_reply_and_marks_a_partial_one():
+    view, out = terminal_view()
+    view.label("システム")
+    view.abandon()
+    assert out.getvalue() == "システム: \r\x1b[2K"
+    view, out = terminal_view()
+    view.label("システム")
+    view.write("途中")
+    view.abandon()
+    assert out.getvalue() == "システム: 途中 [failed]\n"
+
+
+def test_spinner_waits_for_the_first_token_on_a_real_terminal():
+    import time
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    view = ReplyView(out, tty=True)
+    view.console = Console(file=out, force_terminal=True, highlight=False, markup=False, emoji=False, width=120)
+    view.label("システム", style="", waiting=True)
+    time.sleep(0.35)
+    view.write("はい")
+    view.end()
+    text = out.getvalue()
+    frames = text[text.index("システム: ") + len("システム: ") : text.index("はい")]
+    assert frames.startswith("\x1b[2m⠋\x1b[22m\b\x1b[2m⠙\x1b[22m\b")  # drawn at once, then turning
+    assert frames.endswith("\b\x1b[K")  # erased before the text
+    assert not view._spinner  # stopped with the first text
+
+
+def test_no_spinner_unless_waiting_or_on_a_pipe():
+    view, out = terminal_view()
+    view.label("ユーザー")
+    assert view._spinner is None
+    view.label("システム", waiting=True)  # StringIO: Rich knows it is no terminal
+    assert view._spinner is None

@@ -6,23 +6,27 @@ import errno
 import io
 import json
 import os
+import re
 import signal
 import threading
+from dataclasses import asdict
 
 import pytest
 
 from rinna_cli import config, repl, store
+from rinna_cli.environment import Environment
 from rinna_cli.errors import RinnaError, UsageError
-from rinna_cli.prompt import SYSTEM, USER, encode_newlines, format_prompt
+from rinna_cli.prompt import SYSTEM, USER, format_prompt
 from rinna_cli.render import ReplyView
 from rinna_cli.repl import Chat, run_piped
-from rinna_cli.session import Conversation, Reply
+from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
+from tests.fakes import ScriptedEngine
 
-SETTINGS = config.Settings(
-    model="fake/model", device="cpu", dtype="float32", quantize="none", temperature=0.0, top_p=1.0, top_k=50,
-    repetition_penalty=1.0, max_new_tokens=128, seed=-1,
-)  # fmt: skip
+SETTINGS = config.Settings(**{
+    **config.shipped_defaults(), "model": "fake/model", "device": "cpu", "dtype": "float32", "quantize": "none",
+    "temperature": 0.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 128, "seed": -1,
+})  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -30,62 +34,9 @@ def tokenizer(memorized_model) -> Tokenizer:
     return Tokenizer.from_folder(memorized_model)
 
 
-class FakeEngine:
-    """Scripted replies, streamed in three chunks; records every prompt it is given.
-
-    ``interrupt_at``: before that chunk a real SIGINT is raised (as a Ctrl-C would),
-    so the chat's handler sets ``stop`` and the reply ends there. ``hard_interrupt``:
-    the second Ctrl-C, a KeyboardInterrupt out of generate.
-    """
-
-    def __init__(self, tokenizer, replies=(), window=2048, name="fake/model"):
-        self.tokenizer = tokenizer
-        self.window = window
-        self.name = name
-        self.device = "cpu"
-        self.dtype = "float32"
-        self.replies = list(replies)
-        self.prompts: list[list[int]] = []
-        self.options: list[dict] = []
-        self.interrupt_at: int | None = None
-        self.hard_interrupt = False
-        self.error: Exception | None = None
-
-    def generate(self, prompt_ids, options, on_text=lambda _: None, stop=None):
-        self.prompts.append(list(prompt_ids))
-        self.options.append(dict(options))
-        if self.error:
-            raise self.error
-        text = self.replies.pop(0) if self.replies else "はい。"
-        third = max(1, len(text) // 3)
-        chunks = [text[:third], text[third : 2 * third], text[2 * third :]]
-        shown = []
-        for index, chunk in enumerate(chunks):
-            if index == self.interrupt_at:
-                signal.raise_signal(signal.SIGINT)
-                if self.hard_interrupt:
-                    signal.raise_signal(signal.SIGINT)  # the second press raises KeyboardInterrupt
-            if stop is not None and stop.is_set():
-                break
-            if chunk:
-                on_text(chunk)
-                shown.append(chunk)
-        reply_text = "".join(shown)
-        interrupted = stop is not None and stop.is_set()
-        ids = self.tokenizer.encode(encode_newlines(reply_text))
-        return Reply(
-            text=reply_text, ids=ids, finish_reason="interrupted" if interrupted else "stop",
-            prompt_tokens=len(prompt_ids), prefilled_tokens=len(prompt_ids), completion_tokens=len(ids) + 1,
-            ttft_s=0.01, tokens_per_s=123.4,
-        )  # fmt: skip
-
-    def prompt_text(self, index=-1) -> str:
-        return self.tokenizer.decode(self.prompts[index])
-
-
 class Harness:
     def __init__(self, tokenizer, replies=(), window=2048, settings=SETTINGS, log=None):
-        self.engine = FakeEngine(tokenizer, replies, window)
+        self.engine = ScriptedEngine(tokenizer, replies, window)
         self.out = io.StringIO()
         self.notices: list[str] = []
         self.chat = Chat(self.engine, settings, ReplyView(self.out, tty=False), self.notices.append, log=log)
@@ -114,7 +65,7 @@ def test_a_message_is_sent_in_the_card_format_and_the_reply_streamed(h):
     assert h.engine.prompt_text() == "ユーザー: 私の名前は太郎です。<NL>システム: "
     assert h.out.getvalue() == "こんにちは、太郎さん。\n"
     assert h.turns() == [(USER, "私の名前は太郎です。"), (SYSTEM, "こんにちは、太郎さん。")]
-    assert h.engine.options == [SETTINGS.generation()]
+    assert h.engine.samplings == [SETTINGS.sampling()]
 
 
 def test_the_prompt_is_the_whole_history(h, tokenizer):
@@ -154,13 +105,53 @@ def test_input_that_is_not_utf8_is_refused(h):
     assert "not valid UTF-8" in h.last_notice()
 
 
-def test_an_engine_error_is_a_notice_and_the_chat_goes_on(h):
+def test_an_engine_error_keeps_the_message_for_retry_and_the_chat_goes_on(h):
     h.engine.error = RinnaError("the model generated token id 99999")
     h.send("こんにちは")
-    assert h.last_notice() == "error: the model generated token id 99999"
+    assert h.last_notice() == (
+        "error: the model generated token id 99999; the message is kept without a reply: "
+        "/retry sends it again, /undo drops it"
+    )
+    assert h.turns() == [(USER, "こんにちは")] and h.chat.exit_code == 1
+    h.engine.error = None
+    h.send("/retry")
+    assert h.engine.prompts[1] == h.engine.prompts[0]
+    assert h.turns() == [(USER, "こんにちは"), (SYSTEM, "こんにちは、太郎さん。")]
+
+
+def test_a_new_message_replaces_one_left_without_a_reply(h, tmp_path):
+    h.chat.log = store.SessionLog.create(tmp_path / "s", pytest.fail, {"model": "fake/model"})
+    h.engine.error = RinnaError("the server closed the connection")
+    h.send("こんにちは")
     h.engine.error = None
     h.send("私の名前は太郎です。")
-    assert h.turns()[-1] == (SYSTEM, "こんにちは、太郎さん。")
+    assert h.engine.prompt_text() == "ユーザー: 私の名前は太郎です。<NL>システム: "  # never two user turns in a row
+    assert h.turns() == [(USER, "私の名前は太郎です。"), (SYSTEM, "こんにちは、太郎さん。")]
+    assert [(t.speaker, t.text) for t in store.replay_log(h.chat.log.path).turns] == h.turns()
+
+
+def test_a_failed_reply_on_a_terminal_leaves_no_dangling_label(tokenizer):
+    out = io.StringIO()
+    engine = ScriptedEngine(tokenizer)
+    engine.error = RinnaError("HTTP 503 from http://gpu:8000/v1")
+    errors: list[str] = []
+    chat = Chat(engine, SETTINGS, ReplyView(out, tty=True), pytest.fail, alert=errors.append)
+    chat.handle("こんにちは")
+    assert out.getvalue() == "システム: \r\x1b[2K"  # the label is erased: nothing of a reply stays on screen
+    assert errors == ["HTTP 503 from http://gpu:8000/v1; the message is kept without a reply: /retry sends it again, /undo drops it"]
+
+
+def test_errors_go_to_the_alert_and_set_the_exit_code(tokenizer):
+    notices: list[str] = []
+    errors: list[str] = []
+    chat = Chat(ScriptedEngine(tokenizer, window=64), SETTINGS.with_value("max_new_tokens", 16), ReplyView(io.StringIO(), tty=False),
+                notices.append, alert=errors.append)  # fmt: skip
+    chat.handle("/nope")
+    assert errors == ["unknown command /nope; /help lists the commands (start with // to send a message)"]
+    assert chat.exit_code == 2 and notices == []
+    chat.handle("/help")
+    chat.handle("こんにちは")
+    assert len(errors) == 1 and chat.exit_code == 2 and len(notices) == 1
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -251,7 +242,7 @@ def test_set_valid_values(h, key, value, expected):
     assert getattr(h.chat.settings, key) == expected
     assert h.last_notice() == f"{key} = {expected}"
     h.send("こんにちは")
-    assert h.engine.options[-1][key] == expected
+    assert getattr(h.engine.samplings[-1], key) == expected
 
 
 def test_set_with_a_dashed_key(h):
@@ -346,11 +337,53 @@ def test_save_then_load_round_trip(h, tokenizer, tmp_path):
     assert other.engine.prompts[-1] == h.engine.prompts[-1]
 
 
-def test_save_without_a_path_writes_to_the_current_folder(h, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    h.send("私の名前は太郎です。", "/save")
-    (saved,) = tmp_path.glob("rinna-chat-*.json")
-    assert [t[1] for t in store.load_transcript(saved).turns] == ["私の名前は太郎です。", "こんにちは、太郎さん。"]
+def test_save_without_a_path_writes_a_new_file_in_the_app_dir(h, tmp_path, monkeypatch):
+    work, home = tmp_path / "checkout", tmp_path / "home"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("RINNA_CLI_HOME", str(home))
+    h.send("私の名前は太郎です。", "/save", "/save")
+    saved = sorted((home / "transcripts").glob("chat-*.json"))
+    assert len(saved) == 2  # two saves (maybe in one second): two files
+    assert sorted(h.notices[-2:]) == [f"saved 2 turns to {path}" for path in saved]
+    assert [t.text for t in store.load_transcript(saved[0]).turns] == ["私の名前は太郎です。", "こんにちは、太郎さん。"]
+    assert list(work.iterdir()) == []  # the working directory is left alone
+
+
+def test_save_never_overwrites_unless_forced(h, tmp_path):
+    target = tmp_path / "chat.json"
+    target.write_text("precious", encoding="utf-8")
+    h.send("私の名前は太郎です。", f"/save {target}")
+    assert h.last_notice() == f"error: {target} already exists; /save! {target} replaces it"
+    assert target.read_text(encoding="utf-8") == "precious" and h.chat.exit_code == 2
+    h.send(f"/save! {target}")
+    assert h.last_notice() == f"saved 2 turns to {target}"
+    assert len(store.load_transcript(target).turns) == 2
+
+
+def test_load_restores_the_stored_settings(h, tmp_path):
+    target = tmp_path / "chat.json"
+    store.save_transcript(target, [], "fake/model", {**asdict(SETTINGS.sampling()), "temperature": 0.3, "top_k": 7})
+    h.send(f"/load {target}")
+    assert h.last_notice() == "settings restored: temperature=0.3, top_k=7"
+    h.send("こんにちは")
+    assert (h.engine.samplings[-1].temperature, h.engine.samplings[-1].top_k) == (0.3, 7)
+
+
+def test_adopt_keeps_the_flags_and_skips_invalid_stored_values(h):
+    h.chat.adopt({"temperature": 0.3, "top_p": 0.5, "top_k": "many", "max_new_tokens": 4096, "colour": 1}, keep={"top_p"})
+    assert (h.chat.settings.temperature, h.chat.settings.top_p, h.chat.settings.top_k) == (0.3, 1.0, 50)
+    assert h.chat.settings.max_new_tokens == 128
+    assert h.notices[-1] == "settings restored: temperature=0.3"
+    assert h.notices[0].startswith("stored settings: top_k must be an integer") and h.notices[0].endswith("; kept top_k = 50")
+
+
+def test_show_last_exchange_on_a_terminal(h):
+    out = io.StringIO()
+    h.send("私の名前は太郎です。", "一行目\n二行目")
+    h.chat.view = ReplyView(out, tty=True)
+    h.chat.show_last_exchange()
+    assert out.getvalue() == "ユーザー: 一行目\n          二行目\nシステム: 太郎さんです。\n\n"
 
 
 def test_save_failure_is_a_notice(h, tmp_path):
@@ -464,10 +497,13 @@ def test_a_message_too_long_for_the_window_is_refused(tokenizer, tmp_path):
     before = list(h.chat.conversation.turns)
     h.send("吾輩は猫である。名前はまだ無い。" * 10)
     assert len(h.engine.prompts) == 1
-    assert h.last_notice().startswith("error: the message is ")
-    assert "the message was not sent" in h.last_notice() and "at most 48 fit" in h.last_notice()
+    assert re.fullmatch(
+        r"error: the prompt is \d+ tokens; with max_new_tokens = 16 at most 48 fit in the model's 64-token window; "
+        r"the message was not sent",
+        h.last_notice(),
+    )
     assert h.chat.conversation.turns == before
-    assert [t[1] for t in store.replay_log(log.path).turns] == [t.text for t in before]
+    assert [t.text for t in store.replay_log(log.path).turns] == [t.text for t in before]
     h.send("私の名前は何ですか?")  # still alive, history intact
     assert len(h.engine.prompts) == 2 and h.turns()[-1][0] == SYSTEM
 
@@ -477,7 +513,10 @@ def test_retry_that_no_longer_fits_keeps_the_message(tokenizer):
     h.send("吾輩は猫である。名前はまだ無い。" * 2)
     assert [t[0] for t in h.turns()] == [USER, SYSTEM]
     h.send("/set max_new_tokens 60", "/retry")
-    assert "error: the message is" in h.last_notice() and "not sent" not in h.last_notice()
+    assert re.fullmatch(
+        r"error: the prompt is \d+ tokens; with max_new_tokens = 60 at most 4 fit in the model's 64-token window",
+        h.last_notice(),
+    )
     assert [t[0] for t in h.turns()] == [USER]
     h.send("/set max_new_tokens 8", "/retry")
     assert [t[0] for t in h.turns()] == [USER, SYSTEM]
@@ -532,13 +571,11 @@ def test_every_turn_is_logged_as_it_happens(tokenizer, tmp_path):
     h.send("/set temperature 0.5", "私の名前は何ですか?")
     turns = [r for r in records(log) if r["type"] == "turn"]
     assert [(r["speaker"], r["text"]) for r in turns] == h.turns()
-    assert turns[0]["settings"] == SETTINGS.generation()
+    assert turns[0]["settings"] == asdict(SETTINGS.sampling())
     assert turns[3]["settings"]["temperature"] == 0.5
     assert all(isinstance(r["time"], float) and r["time"] <= r["at"] for r in turns)
     assert turns[1]["ids"] == h.chat.conversation.turns[1].ids
-    assert store.replay_log(log.path).turns == [
-        (t.speaker, t.text, t.ids, t.interrupted) for t in h.chat.conversation.turns
-    ]
+    assert store.replay_log(log.path).turns == h.chat.conversation.turns  # ids and times too
 
 
 def test_undo_retry_reset_and_load_are_logged_and_replayed(tokenizer, tmp_path):
@@ -546,7 +583,7 @@ def test_undo_retry_reset_and_load_are_logged_and_replayed(tokenizer, tmp_path):
     h = Harness(tokenizer, ["a。", "b。", "c。", "d。", "e。"], log=log)
 
     def replayed():
-        return [(speaker, text) for speaker, text, _, _ in store.replay_log(log.path).turns]
+        return [(t.speaker, t.text) for t in store.replay_log(log.path).turns]
 
     h.send("一", "二", "/undo")
     assert replayed() == h.turns() == [(USER, "一"), (SYSTEM, "a。")]
@@ -566,7 +603,8 @@ def test_interrupted_reply_is_logged_as_interrupted(h, tokenizer, tmp_path):
     h.engine.replies = ["一二三四五六七八九"]
     h.engine.interrupt_at = 1
     h.send("数えて")
-    assert store.replay_log(log.path).turns[-1][1:] == ("一二三", h.chat.conversation.turns[-1].ids, True)
+    last = store.replay_log(log.path).turns[-1]
+    assert (last.text, last.ids, last.interrupted) == ("一二三", h.chat.conversation.turns[-1].ids, True)
 
 
 def test_unwritable_log_folder_warns_once_and_the_chat_goes_on(tokenizer, tmp_path):
@@ -615,6 +653,21 @@ def test_run_piped_stops_at_exit(h):
     assert [t[1] for t in h.turns()] == ["one", "こんにちは、太郎さん。"]
 
 
+def test_run_piped_goes_on_after_a_refused_line_and_fails_at_the_end(tokenizer):
+    errors: list[str] = []
+    h = Harness(tokenizer, ["はい。", "いいえ。"], window=64, settings=SETTINGS.with_value("max_new_tokens", 16))
+    h.chat.alert = errors.append
+    long = "吾輩は猫である。名前はまだ無い。" * 10
+    assert run_piped(h.chat, [b"one\n", f"{long}\n".encode(), b"/frobnicate\n", b"two\n"]) == 2
+    assert h.out.getvalue() == "はい。\nいいえ。\n"
+    assert len(errors) == 2 and errors[0].endswith("the message was not sent") and "/frobnicate" in errors[1]
+
+
+def test_run_piped_fails_with_the_status_of_the_first_error(h):
+    h.engine.error = RinnaError("connection refused")
+    assert run_piped(h.chat, [b"one\n", b"/nope\n"]) == 1
+
+
 def test_run_piped_refuses_a_line_that_is_not_utf8(h):
     with pytest.raises(UsageError, match="line 2 is not UTF-8"):
         run_piped(h.chat, [b"one\n", b"\x82\xa0\n"])
@@ -649,7 +702,8 @@ def run_keys(h: Harness, keys: str, history_file=None) -> int:
 
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
         pipe.send_text(keys)
-        return repl.run_terminal(h.chat, history_file)
+        env = Environment(stdin=None, stdout=io.StringIO(), stderr=io.StringIO())
+        return repl.run_terminal(h.chat, history_file, env)
 
 
 def test_terminal_keys(h, tmp_path):
@@ -678,6 +732,20 @@ def test_terminal_ctrl_d_on_a_typed_line_does_not_quit(h):
     assert [text for speaker, text in h.turns() if speaker == USER] == ["abc"]
 
 
+def test_ctrl_c_at_an_empty_prompt_says_how_to_quit(h):
+    assert run_keys(h, "abc\x03\x03\x04") == 0
+    assert h.notices == ["(Ctrl-D or /exit to quit)"]  # only once: the first Ctrl-C cleared a typed line
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [(b"abc", "abc"), ("どこで生".encode(), "どこで生"), (b"ab\x7fc", "ac"), (b"\x1b[Ax\x1b[1;5Cy\x1bOP", "xy"),
+     (b"one\rtwo\r", "one\ntwo"), (b"\x07\x00a\t", "a\t"), ("日本".encode()[:-1], "日")],
+)  # fmt: skip
+def test_typed_ahead_bytes_become_the_next_prompts_text(data, text):
+    assert repl._typed_text(data) == text
+
+
 def test_terminal_ctrl_c_outside_generation_returns_to_the_prompt(h):
     class SlowDisk:
         """A log whose first write is cut short by Ctrl-C (SIGINT arriving outside generation)."""
@@ -696,3 +764,10 @@ def test_terminal_ctrl_c_outside_generation_returns_to_the_prompt(h):
     assert run_keys(h, "一\r二\r\x04") == 0
     assert "interrupted" in h.notices
     assert h.turns()[-2:] == [(USER, "二"), (SYSTEM, "こんにちは、太郎さん。")]
+
+
+def test_history_indents_the_continuation_lines_of_a_turn(h):
+    h.send("一行目\n二行目")
+    h.notices.clear()
+    h.send("/history")
+    assert h.notices[0] == "ユーザー: 一行目\n          二行目"

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -28,14 +27,13 @@ from rinna_cli.prompt import encode_newlines
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
 from tests.fixtures.memorized_data import BYTE_FALLBACK_CHARS, CONVERSATIONS
+from tests.helpers import RINNA, process_env
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 ROOT = Path(__file__).resolve().parent.parent
-_SCRIPT = Path(sys.executable).with_name("rinna")
-RINNA = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "rinna_cli"]
 KEY = "test-key-4f1c"
 JSON_KEYS = ["reply", "model", "prompt_tokens", "completion_tokens", "finish_reason", "ttft_s", "tokens_per_s"]
 STATS = re.compile(r"^(\d+) tokens, prompt (\d+) \((\d+) prefilled\), first token \d+\.\d\d s, \d+\.\d tokens/s$")
@@ -45,16 +43,9 @@ CHAT_OUTPUT = "".join(f"{a}\n" for turns in CONVERSATIONS for _, a in turns).enc
 
 
 def make_env(base: Path) -> dict:
-    environ = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("RINNA_", "HF_", "HUGGINGFACE_", "PYTHON", "TRANSFORMERS_"))
-    }
-    environ.update(
-        HF_HUB_OFFLINE="1", HF_HOME=str(base / "hf"), RINNA_CLI_HOME=str(base / "home"), OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT), RINNA_DEVICE="cpu", RINNA_QUANTIZE="none",
-    )  # fmt: skip
-    return environ
+    return process_env(
+        base / "hf", base / "home", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), RINNA_DEVICE="cpu", RINNA_QUANTIZE="none"
+    )
 
 
 def make_endless(source: Path, folder: Path) -> Path:
@@ -118,7 +109,7 @@ def servers(memorized_model, tmp_path_factory):
     env = make_env(base)
     endless = make_endless(memorized_model, tmp_path_factory.mktemp("endless"))
     memorized = Served(env, base / "memorized.log", "--model", str(memorized_model))
-    guarded = Served({**env, "RINNA_TEST_KEY": KEY}, base / "endless.log", "--model", str(endless), "--queue-size", "1", "--api-key-env", "RINNA_TEST_KEY")  # fmt: skip
+    guarded = Served({**env, "RINNA_TEST_KEY": KEY}, base / "endless.log", "--model", str(endless), "--queue-size", "1", "--host", "0.0.0.0", "--api-key-env", "RINNA_TEST_KEY")  # fmt: skip
     # The local engine's replies, for comparison, while the servers start.
     local = subprocess.Popen(
         [*RINNA, "chat", "--model", str(memorized_model), "-t", "0"],
@@ -159,7 +150,7 @@ def request(port: int, method: str, path: str, body: object = None, key: str | N
 
 
 def health(served: Served) -> dict:
-    return request(served.port, "GET", "/health")[1]
+    return request(served.port, "GET", "/health", key=KEY)[1]
 
 
 def wait_for(condition, what: str, timeout: float = 30) -> dict:
@@ -260,8 +251,9 @@ def test_openai_chat_completions(client, memorized_model):
         client.chat.completions.create(
             model=name, messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]
         )
-    with pytest.raises(openai.NotFoundError, match="does not exist"):
-        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": question}])
+    # one model is served: any name means it (clients send their own defaults)
+    result = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": question}], temperature=0)
+    assert result.choices[0].message.content == answer and result.model == name
     assert [m.id for m in client.models.list()] == [name]
 
 
@@ -285,8 +277,10 @@ def test_openai_chat_completions(client, memorized_model):
         ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, "stop strings are not supported"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages must be a non-empty array"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": 3}]}, "messages[0]: content must be a string"),
-        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "role must be user or assistant"),
-        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}, "rinna has no system turn"),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, "role must be user, assistant or system"),
+        ("/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]}, "rinna has no system turn (its format knows only ユーザー and システム); start the server with --system-messages merge"),
+        ("/v1/completions", {"prompt": "\ud800"}, "prompt holds a lone surrogate (\\ud800)"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udc00"}]}, "messages[0].content holds a lone surrogate (\\udc00)"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "the last message must be the user's"),
     ],
 )
@@ -295,6 +289,17 @@ def test_bad_requests_get_400_with_a_message(servers, path, body, message):
     status, answer = request(servers["memorized"].port, "POST", path, None if raw else body, raw=raw)
     assert status == 400
     assert message in answer["error"]["message"] and answer["error"]["type"] == "invalid_request_error"
+
+
+def test_banners_and_the_access_log(servers, memorized_model):
+    memorized, endless = servers["memorized"], servers["endless"]
+    assert request(memorized.port, "GET", "/v1/models")[0] == 200
+    log = wait_for(lambda: (text := memorized.log.read_text()).count("GET /v1/models 200") and text, "the access line")
+    assert re.search(rf"^\d\d:\d\d:\d\d 127\.0\.0\.1:\d+ GET /v1/models 200 \d+\.\d\d s$", log, re.M)
+    assert re.fullmatch(rf"rinna serve: {re.escape(str(memorized_model))} on cpu \(\w+\) at {memorized.url} · Ctrl-C to stop", log.splitlines()[0])
+    banner = endless.log.read_text().splitlines()[0]
+    assert f"at {endless.url}; listening on all interfaces (0.0.0.0); from other machines: http://" in banner
+    assert "http://0.0.0.0" not in banner and "Traceback" not in log
 
 
 def test_models_and_health(servers, memorized_model):
@@ -325,7 +330,8 @@ def test_the_api_key_is_enforced(servers, memorized_model):
         status, _ = request(port, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 1}, key=key)
         assert status == 401
     assert request(port, "GET", "/v1/models", key=KEY)[0] == 200
-    assert request(port, "GET", "/health")[0] == 200  # for load balancers
+    assert request(port, "GET", "/health")[0] == 401  # the counters are the server's business too
+    assert request(port, "GET", "/health", key=KEY)[0] == 200
     # rinna-cli's client: the key from the environment, a wrong one is one line naming the endpoint
     env = {**servers["env"], "RINNA_API_KEY": "wrong-key"}
     result = rinna(env, "ask", "--endpoint", servers["endless"].url, "--model", str(memorized_model), "-n", "3", "q")
@@ -393,44 +399,27 @@ def test_queue_overflow_and_disconnect(servers):
 # --- the app factory around any engine-like object ---------------------------------------------------
 
 
-class ScriptedEngine:
-    """An engine without a transformers model: text streams in pieces, the ids come at the end."""
-
-    def __init__(self, tokenizer: Tokenizer, answer: str):
-        self.tokenizer, self.answer = tokenizer, answer
-        self.name, self.window, self.device, self.dtype = "scripted", 2048, "cpu", "float32"
-        self.calls: list[tuple[list[int], dict]] = []
-
-    def generate(self, prompt_ids, options, on_text=lambda _: None, stop=None, on_ids=lambda _: None):
-        from rinna_cli.session import Reply
-
-        self.calls.append((prompt_ids, options))
-        for start in range(0, len(self.answer), 4):
-            on_text(self.answer[start : start + 4])
-        ids = self.tokenizer.encode(encode_newlines(self.answer))
-        on_ids(ids + [self.tokenizer.special.eos])
-        return Reply(self.answer, ids, "stop", len(prompt_ids), len(prompt_ids), len(ids) + 1, 0.01, 100.0)
-
-
 def test_create_app_serves_any_engine(memorized_model):
     from fastapi.testclient import TestClient
 
-    from rinna_cli.server import create_app
+    from rinna_cli.contract import Sampling
+    from rinna_cli.serve.app import create_app
+    from tests.fakes import ScriptedEngine
 
     tokenizer = Tokenizer.from_folder(memorized_model)
     question, answer = CONVERSATIONS[0][0]
-    engine = ScriptedEngine(tokenizer, answer)
+    engine = ScriptedEngine(tokenizer, [answer] * 2, name="scripted", chunk=4)
     ids = tokenizer.encode(encode_newlines(answer)) + [tokenizer.special.eos]
-    with TestClient(create_app(engine, defaults={"temperature": 0.3, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 64, "seed": -1})) as client:  # fmt: skip
+    defaults = Sampling(temperature=0.3, top_p=1.0, top_k=50, repetition_penalty=1.0, max_new_tokens=64, seed=-1)
+    with TestClient(create_app(engine, defaults, queue_size=4)) as client:
         body = {"prompt": f"ユーザー: {question}\nシステム: ", "return_token_ids": True, "seed": 5}
         answer_json = client.post("/v1/completions", json=body).json()
         choice = answer_json["choices"][0]
         assert choice["text"] == answer and choice["token_ids"] == ids and answer_json["usage"]["completion_tokens"] == len(ids)
         conversation = Conversation(tokenizer)
         conversation.add_user(question)
-        prompt_ids, options = engine.calls[-1]
-        assert prompt_ids == conversation.prompt_ids() == choice["prompt_token_ids"]
-        assert options == {"temperature": 0.3, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 64, "seed": 5}
+        assert engine.prompts[-1] == conversation.prompt_ids() == choice["prompt_token_ids"]
+        assert engine.samplings[-1] == replace(defaults, seed=5)
         with client.stream("POST", "/v1/chat/completions", json={"messages": [{"role": "user", "content": question}], "stream": True, "return_token_ids": True}) as stream:  # fmt: skip
             events = [json.loads(line[6:]) for line in stream.iter_lines() if line.startswith("data: {")]
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == answer

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from tests.fixtures.models import TINY_CORPUS, train_spm
+from tests.helpers import process_env
 
 HEAVY = {"torch", "transformers"}
 # "import time: self [us] | cumulative | imported package", the name indented by nesting depth
@@ -30,9 +30,7 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("env")
-    environ = {key: value for key, value in os.environ.items() if not key.startswith(("RINNA_", "HF_", "PYTHON"))}
-    environ.update(HF_HUB_OFFLINE="1", HF_HOME=str(base / "hf"), RINNA_CLI_HOME=str(base / "home"))
-    return environ
+    return process_env(base / "hf", base / "home")
 
 
 def imported_modules(env, *args) -> tuple[subprocess.CompletedProcess, list[str]]:
@@ -85,4 +83,14 @@ def test_show_prompt_imports_no_torch(env, folder):
     result, modules = imported_modules(env, "ask", "--model", str(folder), "--show-prompt", "猫")
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     assert result.stdout.decode("utf-8") == "ユーザー: 猫<NL>システム: \n"
+    assert heavy(modules) == []
+
+
+@pytest.mark.parametrize("args", [["--version"], []], ids=["version", "alone"])
+def test_version_and_bare_rinna_import_no_torch(env, args):
+    """--version reads torch's and transformers' versions from their metadata, never by importing them."""
+    result, modules = imported_modules(env, *args)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    assert (b"torch " in result.stdout) == bool(args)
+    assert "rinna_cli.cli" in modules
     assert heavy(modules) == []

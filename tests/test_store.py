@@ -13,7 +13,16 @@ from rinna_cli import store
 from rinna_cli.errors import RinnaError
 from rinna_cli.prompt import SYSTEM, USER
 from rinna_cli.session import Turn
-from rinna_cli.store import TRANSCRIPT_FORMAT, Loaded, SessionLog, latest_log, load_transcript, replay_log, save_transcript
+from rinna_cli.store import (
+    TRANSCRIPT_FORMAT,
+    Loaded,
+    SessionLog,
+    find_session,
+    load_transcript,
+    replay_log,
+    save_transcript,
+    sessions,
+)
 
 SETTINGS = {"temperature": 0.0, "top_p": 1.0, "top_k": 50, "repetition_penalty": 1.0, "max_new_tokens": 128, "seed": -1}
 
@@ -30,7 +39,7 @@ def as_tuples(turns):
 
 
 def loaded_tuples(loaded: Loaded):
-    return [(speaker, text, interrupted) for speaker, text, _, interrupted in loaded.turns]
+    return [(t.speaker, t.text, t.interrupted) for t in loaded.turns]
 
 
 class Warnings(list):
@@ -47,9 +56,9 @@ def test_transcript_round_trip(tmp_path):
     loaded = load_transcript(path)
     assert loaded_tuples(loaded) == as_tuples(TURNS)
     assert loaded.model == "rinna/japanese-gpt-neox-3.6b-instruction-ppo"
-    assert loaded.times == [t.time for t in TURNS]
+    assert [t.time for t in loaded.turns] == [t.time for t in TURNS]
     # A transcript holds text, not ids: ids depend on the tokenizer and are recomputed.
-    assert all(ids is None for _, _, ids, _ in loaded.turns)
+    assert all(t.ids == [] for t in loaded.turns)
 
 
 def test_transcript_is_readable_json_with_the_japanese_unescaped(tmp_path):
@@ -153,10 +162,11 @@ def test_load_checks_flags_and_model_types(tmp_path):
     path = tmp_path / "t.json"
     turns = [{"speaker": USER, "text": "a", "interrupted": "yes", "time": "noon"}, {"speaker": SYSTEM, "text": "b"}]
     path.write_text(json.dumps({"format": TRANSCRIPT_FORMAT, "model": ["x"], "turns": turns}), encoding="utf-8")
+    before = time.time()
     loaded = load_transcript(path)
-    assert loaded.turns == [(USER, "a", None, False), (SYSTEM, "b", None, False)]
+    assert [(t.speaker, t.text, t.ids, t.interrupted) for t in loaded.turns] == [(USER, "a", [], False), (SYSTEM, "b", [], False)]
     assert loaded.model is None
-    assert loaded.times == [None, None]
+    assert all(before <= t.time <= time.time() for t in loaded.turns)  # no valid time in the file: the time it was read
 
 
 # -- the session log ----------------------------------------------------------------------------
@@ -173,7 +183,7 @@ def log_records(log: SessionLog) -> list[dict]:
 def test_log_records_every_turn_with_settings_and_time(tmp_path):
     log = make_log(tmp_path)
     for turn in TURNS:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     records = log_records(log)
     assert records[0]["type"] == "session" and records[0]["model"] == "m"
     turns = records[1:]
@@ -189,15 +199,15 @@ def test_log_records_every_turn_with_settings_and_time(tmp_path):
 def test_replay_applies_undo_and_reset(tmp_path):
     log = make_log(tmp_path)
     for turn in TURNS:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     log.append({"type": "undo", "count": 2})
     loaded = replay_log(log.path)
     assert loaded_tuples(loaded) == as_tuples(TURNS[:2])
-    assert [ids for _, _, ids, _ in loaded.turns] == [[1, 2], [3, 4]]
+    assert [t.ids for t in loaded.turns] == [[1, 2], [3, 4]]
     assert loaded.model == "m"
-    assert loaded.times == [1000.5, 1001.25]
+    assert [t.time for t in loaded.turns] == [1000.5, 1001.25]
     log.append({"type": "reset"})
-    log.turn(TURNS[2], TURNS[2].ids, SETTINGS)
+    log.turn(TURNS[2], SETTINGS)
     assert loaded_tuples(replay_log(log.path)) == as_tuples(TURNS[2:3])
 
 
@@ -205,7 +215,7 @@ def test_replay_applies_undo_and_reset(tmp_path):
 def test_replay_survives_odd_undo_counts(tmp_path, count):
     log = make_log(tmp_path)
     for turn in TURNS[:2]:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     log.append({"type": "undo", "count": count})
     expected = [] if count == 99 else as_tuples(TURNS[:2])
     assert loaded_tuples(replay_log(log.path)) == expected
@@ -214,7 +224,7 @@ def test_replay_survives_odd_undo_counts(tmp_path, count):
 def test_replay_skips_a_torn_last_line(tmp_path):
     log = make_log(tmp_path)
     for turn in TURNS[:2]:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     with open(log.path, "ab") as file:
         file.write('{"type": "turn", "speaker": "ユーザー", "text": "途'.encode()[:-1])  # cut mid-character
     assert loaded_tuples(replay_log(log.path)) == as_tuples(TURNS[:2])
@@ -223,10 +233,10 @@ def test_replay_skips_a_torn_last_line(tmp_path):
 def test_appending_after_a_torn_line_starts_a_new_line(tmp_path):
     # A resumed or reopened log whose last line was torn: the next record must not join it.
     log = make_log(tmp_path)
-    log.turn(TURNS[0], TURNS[0].ids, SETTINGS)
+    log.turn(TURNS[0], SETTINGS)
     with open(log.path, "ab") as file:
         file.write(b'{"type": "turn", "spea')
-    log.turn(TURNS[1], TURNS[1].ids, SETTINGS)
+    log.turn(TURNS[1], SETTINGS)
     assert loaded_tuples(replay_log(log.path)) == as_tuples(TURNS[:2])
 
 
@@ -250,7 +260,7 @@ def test_replay_refuses_a_turn_with_a_bad_speaker(tmp_path):
 def test_load_transcript_reads_a_session_log_too(tmp_path):
     log = make_log(tmp_path)
     for turn in TURNS:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     assert loaded_tuples(load_transcript(log.path)) == as_tuples(TURNS)
     copy = tmp_path / "copy.json"  # a session log under another suffix is recognised by its first record
     copy.write_bytes(log.path.read_bytes())
@@ -285,7 +295,7 @@ def test_unwritable_folder_warns_once_and_carries_on(tmp_path):
     warn = Warnings()
     log = SessionLog.create(blocker / "sessions", warn, {"model": "m"})
     for turn in TURNS:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     assert len(warn) == 1
     assert "cannot autosave" in warn[0] and str(blocker / "sessions") in warn[0] and "/save" in warn[0]
     assert blocker.read_text() == "not a folder"
@@ -294,7 +304,7 @@ def test_unwritable_folder_warns_once_and_carries_on(tmp_path):
 def test_full_disk_warns_once_and_keeps_earlier_lines(tmp_path, monkeypatch):
     warn = Warnings()
     log = make_log(tmp_path, warn)
-    log.turn(TURNS[0], TURNS[0].ids, SETTINGS)
+    log.turn(TURNS[0], SETTINGS)
     before = log.path.read_bytes()
 
     def no_space(fd, data):
@@ -302,7 +312,7 @@ def test_full_disk_warns_once_and_keeps_earlier_lines(tmp_path, monkeypatch):
 
     monkeypatch.setattr(store.os, "write", no_space)
     for turn in TURNS[1:]:
-        log.turn(turn, turn.ids, SETTINGS)
+        log.turn(turn, SETTINGS)
     monkeypatch.undo()
     assert len(warn) == 1 and "No space left on device" in warn[0]
     assert log.path.read_bytes() == before
@@ -312,7 +322,7 @@ def test_full_disk_warns_once_and_keeps_earlier_lines(tmp_path, monkeypatch):
 def test_short_write_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
     warn = Warnings()
     log = make_log(tmp_path, warn)
-    log.turn(TURNS[0], TURNS[0].ids, SETTINGS)
+    log.turn(TURNS[0], SETTINGS)
     before = log.path.read_bytes()
     real_write = os.write
 
@@ -320,41 +330,112 @@ def test_short_write_is_cut_back_to_whole_lines(tmp_path, monkeypatch):
         return real_write(fd, data[: len(data) // 2])
 
     monkeypatch.setattr(store.os, "write", half_write)
-    log.turn(TURNS[1], TURNS[1].ids, SETTINGS)
+    log.turn(TURNS[1], SETTINGS)
     monkeypatch.undo()
     assert len(warn) == 1 and "No space left" in warn[0]
     assert log.path.read_bytes() == before
 
 
-def test_latest_log_is_the_newest_with_a_turn(tmp_path):
+def dated_log(tmp_path, age: float, *turns: Turn, interactive: bool | None = True) -> SessionLog:
+    """A session log holding ``turns``, last written ``age`` seconds ago (no ``interactive`` key when None)."""
+    header = {"model": "m", "created": 1.0} | ({} if interactive is None else {"interactive": interactive})
+    log = SessionLog.create(tmp_path / "sessions", Warnings(), header)
+    for turn in turns:
+        log.turn(turn, SETTINGS)
+    now = time.time()
+    os.utime(log.path, (now - age, now - age))
+    return log
+
+
+def test_the_last_session_is_the_newest_interactive_one_with_a_turn(tmp_path):
     folder = tmp_path / "sessions"
     with pytest.raises(RinnaError, match="no saved chat session"):
-        latest_log(folder)
-    old = make_log(tmp_path)
-    old.turn(TURNS[0], TURNS[0].ids, SETTINGS)
-    newer = make_log(tmp_path)
-    newer.turn(TURNS[1], TURNS[1].ids, SETTINGS)
-    empty = make_log(tmp_path)  # a chat opened and closed without a message
-    now = time.time()
-    os.utime(old.path, (now - 20, now - 20))
-    os.utime(newer.path, (now - 10, now - 10))
-    os.utime(empty.path, (now, now))
-    assert latest_log(folder) == newer.path
+        find_session(folder)
+    dated_log(tmp_path, 30, TURNS[0])
+    newer = dated_log(tmp_path, 20, TURNS[2], TURNS[3])
+    dated_log(tmp_path, 10, TURNS[0], interactive=False)  # a piped run is never "the last session"
+    dated_log(tmp_path, 0)  # a chat opened and closed without a message
     (folder / "notes.txt").write_text("ignored")
-    assert latest_log(folder) == newer.path
+    (folder / "foreign.jsonl").write_text('{"event": "click"}\n')
+    assert find_session(folder).path == newer.path
+    assert find_session(folder, "").path == newer.path
 
 
-def test_latest_log_with_only_empty_sessions_is_an_error(tmp_path):
-    make_log(tmp_path)
+def test_only_empty_or_piped_sessions_leave_nothing_to_resume(tmp_path):
+    dated_log(tmp_path, 0)
+    dated_log(tmp_path, 0, TURNS[0], interactive=False)
     with pytest.raises(RinnaError, match="no saved chat session"):
-        latest_log(tmp_path / "sessions")
+        find_session(tmp_path / "sessions")
+
+
+def test_sessions_are_listed_newest_first_with_their_first_message(tmp_path):
+    old = dated_log(tmp_path, 30, TURNS[0], TURNS[1], interactive=None)  # written before the flag: interactive
+    piped = dated_log(tmp_path, 10, TURNS[2], interactive=False)
+    reset = dated_log(tmp_path, 20, TURNS[0])
+    reset.append({"type": "reset"})
+    reset.turn(TURNS[2], SETTINGS)
+    now = time.time()
+    os.utime(reset.path, (now - 20, now - 20))
+    dated_log(tmp_path, 0)
+    listed = sessions(tmp_path / "sessions")
+    assert [(i.path, i.turns, i.first, i.interactive) for i in listed] == [
+        (piped.path, 1, TURNS[2].text, False),
+        (reset.path, 1, TURNS[2].text, True),  # the conversation the log ends with
+        (old.path, 2, TURNS[0].text, True),
+    ]
+    assert [i.id for i in listed] == [piped.path.stem, reset.path.stem, old.path.stem]
+    assert listed[0].modified == pytest.approx(now - 10, abs=1)
+
+
+def test_a_session_is_found_by_number_id_or_a_unique_prefix(tmp_path):
+    folder = tmp_path / "sessions"
+    old, new, newest = (dated_log(tmp_path, age, TURNS[0]).path for age in (30, 20, 10))
+    old, new, newest = (path.rename(folder / name) for path, name in ((old, "20260101-a.jsonl"),
+                        (new, "20260102-b.jsonl"), (newest, "20260102-c.jsonl")))  # fmt: skip
+    now = time.time()
+    for path, age in ((old, 30), (new, 20), (newest, 10)):
+        os.utime(path, (now - age, now - age))
+    assert find_session(folder, "1").path == newest  # the numbers of the list
+    assert find_session(folder, "3").path == old
+    assert find_session(folder, "20260102-b").path == new
+    assert find_session(folder, "20260101").path == old  # a unique prefix
+    with pytest.raises(RinnaError, match=r"no session number 4: 3 saved in .*rinna sessions"):
+        find_session(folder, "4")
+    with pytest.raises(RinnaError, match="no session number 0"):
+        find_session(folder, "0")
+    with pytest.raises(RinnaError, match="no session 'nope' in"):
+        find_session(folder, "nope")
+    with pytest.raises(RinnaError, match="'20260102' matches 2 sessions: 20260102-c, 20260102-b"):
+        find_session(folder, "20260102")
+
+
+def test_stored_settings_are_read_back(tmp_path):
+    other = {**SETTINGS, "temperature": 0.3}
+    path = save_transcript(tmp_path / "t.json", TURNS, "m", other)
+    assert load_transcript(path).settings == other
+    log = make_log(tmp_path)
+    log.turn(TURNS[0], SETTINGS)
+    log.turn(TURNS[1], other)  # a log's settings: those of its last turn
+    assert replay_log(log.path).settings == other
+    assert replay_log(make_log(tmp_path).path).settings == {}
+
+
+def test_save_without_replace_never_overwrites(tmp_path):
+    path = tmp_path / "t.json"
+    path.write_text("precious")
+    with pytest.raises(FileExistsError):
+        save_transcript(path, TURNS, "m", SETTINGS, replace=False)
+    assert path.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]  # no temporary file left
+    fresh = save_transcript(tmp_path / "new.json", TURNS, "m", SETTINGS, replace=False)
+    assert loaded_tuples(load_transcript(fresh)) == as_tuples(TURNS)
 
 
 def test_log_survives_text_with_a_lone_surrogate(tmp_path):
     warn = Warnings()
     log = make_log(tmp_path, warn)
-    log.turn(Turn(USER, "caf\udce9", [1]), [1], SETTINGS)
-    log.turn(TURNS[1], TURNS[1].ids, SETTINGS)
+    log.turn(Turn(USER, "caf\udce9", [1]), SETTINGS)
+    log.turn(TURNS[1], SETTINGS)
     assert warn == [] and log.path.read_bytes().decode("utf-8")  # still UTF-8
     with pytest.raises(RinnaError, match="line 2: text is not valid Unicode"):
         replay_log(log.path)  # refused on the way back in, never handed to the tokenizer

@@ -8,12 +8,11 @@ import random
 
 import pytest
 import sentencepiece as spm
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from rinna_cli.errors import ModelError
 from rinna_cli.prompt import NL, decode_newlines
-from rinna_cli.streamer import ReplyDecoder, stream_chunks
+from rinna_cli.streamer import ReplyDecoder
 from rinna_cli.tokenizer import Tokenizer
 
 TRAINING_TEXT = [
@@ -52,6 +51,12 @@ ALPHABET = [
     "\u00a0",
     "\ufffd",
 ]
+
+
+def stream_chunks(tokenizer: Tokenizer, ids) -> list[str]:
+    """What a ``ReplyDecoder`` returns for each id pushed one at a time, then for ``finish()``."""
+    decoder = ReplyDecoder(tokenizer)
+    return [decoder.push([pid]) for pid in ids] + [decoder.finish()]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,128 @@
+"""Where a command runs: its streams, whether each is a terminal, and how it gets its model.
+
+The one place that decides terminal vs pipe (as httpie's ``Environment``): the
+commands read ``env.stdin_isatty`` and friends instead of probing streams, so
+tests run a command in-process with :class:`io.StringIO` streams and a scripted
+engine from ``open_engine``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping, Protocol, TextIO
+
+from rinna_cli import hub
+from rinna_cli.errors import ModelError
+from rinna_cli.inputs import escaped
+from rinna_cli.render import err_console, escape_controls, is_tty, warn as print_warning
+from rinna_cli.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from rinna_cli.config import Settings
+    from rinna_cli.contract import Engine
+
+
+class EngineFactory(Protocol):
+    def __call__(self, env: Environment, settings: Settings, tokenizer: Tokenizer, window: int) -> Engine: ...
+
+
+def load_engine(env: Environment, settings: Settings, tokenizer: Tokenizer) -> Engine:
+    """Fetch the weights if needed and load them, with a spinner on a terminal's stderr."""
+    status = env.errors().status(f"Loading {settings.model} …") if env.stderr_isatty else None
+    with status or nullcontext():
+        folder = locate(settings.model, weights=True)
+        from rinna_cli.engine import Engine as LocalEngine
+
+        return LocalEngine.load(
+            folder,
+            settings.model,
+            tokenizer,
+            settings.device,
+            settings.dtype,
+            settings.quantize,
+            progress=lambda step: status.update(f"Loading {settings.model}: {step} …") if status else None,
+        )
+
+
+def open_engine(env: Environment, settings: Settings, tokenizer: Tokenizer, window: int) -> Engine:
+    """The local engine, or with ``endpoint`` set a remote one (checked to answer) that takes the same calls."""
+    if not settings.endpoint:
+        return load_engine(env, settings, tokenizer)
+    from rinna_cli.remote import connect
+
+    return connect(settings, tokenizer, window, environ=env.environ, warn=env.warn)
+
+
+def locate(model: str, weights: bool = False) -> Path:
+    """:func:`hub.locate`, with a file given as the model said to be one (not "no such model folder")."""
+    path = Path(hub.expand(model)).expanduser()
+    if path.is_file():
+        raise ModelError(
+            f"{path}: a file, not a model folder (--model takes a folder holding config.json, spiece.model "
+            "and the weights, a hub id or an alias)"
+        )
+    return hub.locate(model, weights)
+
+
+def tokenizer_of(settings: Settings) -> tuple[Path, Tokenizer]:
+    """The model's folder (its tokenizer files at least) and its tokenizer."""
+    folder = locate(settings.model)
+    return folder, Tokenizer.from_folder(folder)
+
+
+def model_files(settings: Settings) -> tuple[Tokenizer, int]:
+    """The model's tokenizer and its context window (from ``config.json``)."""
+    folder, tokenizer = tokenizer_of(settings)
+    return tokenizer, hub.context_window(hub.read_config(folder))
+
+
+def _stdin() -> TextIO | None:
+    return sys.stdin
+
+
+def _stdout() -> TextIO:
+    return sys.stdout
+
+
+def _stderr() -> TextIO:
+    return sys.stderr
+
+
+@dataclass
+class Environment:
+    """The streams of one run and their TTY flags; ``open_engine`` makes the model (patchable in tests)."""
+
+    stdin: TextIO | None = field(default_factory=_stdin)  # None: standard input is closed
+    stdout: TextIO = field(default_factory=_stdout)
+    stderr: TextIO = field(default_factory=_stderr)
+    stdin_isatty: bool | None = None  # None: asked of the stream
+    stdout_isatty: bool | None = None
+    stderr_isatty: bool | None = None
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ)
+    open_engine: EngineFactory = open_engine
+
+    def __post_init__(self) -> None:
+        if self.stdin_isatty is None:
+            self.stdin_isatty = self.stdin is not None and is_tty(self.stdin)
+        if self.stdout_isatty is None:
+            self.stdout_isatty = is_tty(self.stdout)
+        if self.stderr_isatty is None:
+            self.stderr_isatty = is_tty(self.stderr)
+
+    def errors(self) -> Console:
+        """A Rich console on stderr, for progress, statistics and messages."""
+        return err_console(self.stderr)
+
+    def warn(self, message: str) -> None:
+        print_warning(escaped(message), self.stderr)
+
+    def error(self, message: str) -> None:
+        """The one line every failure becomes: ``rinna: error: …`` (bytes that were not UTF-8 shown escaped)."""
+        line = f"rinna: error: {escape_controls(escaped(message))}"
+        self.errors().print(line, markup=False, highlight=False, soft_wrap=True)

@@ -1,0 +1,348 @@
+"""Which kernels multiply the quantized weights on this machine: measured once, then cached.
+
+The fastest kernel differs by CPU class (docs/benchmarks.md): on a Zen 3 (AVX2) torch's
+``_int_mm`` with int8 activations decoded fastest and float32 attention beat bfloat16;
+on a Xeon with AMX the weight-only int8 kernel with bfloat16 activations was 1.5x
+faster and bfloat16 is native. So at the first start on a machine the candidates are
+timed on the model's own layers, for a decode step (1 row) and a prefill (48 rows),
+with float32 and with bfloat16 activations (which also sets the dtype of attention
+and the KV cache), and the fastest of each is used. The :class:`Plan` is cached next
+to the quantized weights, keyed by what it depends on (:func:`machine_key`): a new CPU,
+torch or thread count plans again.
+
+A kernel is first run on small inputs in a child process (:func:`probe`): one that
+is missing, raises, gives wrong results or crashes the process is left out, never fatal.
+Planning stops at :data:`BUDGET_S` and keeps the best measured so far.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rinna_cli.int4 import Int4Linear
+from rinna_cli.int8 import Int8Linear, QuantLinear
+
+PLAN_FORMAT = 1
+BUDGET_S = 3.0  # measuring, on top of the probe (which runs while the weights are quantized)
+DECODE_ROWS, PREFILL_ROWS = 1, 48
+ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is timed at
+ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
+PREFILL_ONLY = {"dequant"}  # dequantizing a whole matrix per call never pays for one row
+_SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU cache
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The kernels of each kind of quantized layer, the activation dtype, and how they were chosen."""
+
+    kernels: dict[str, tuple[str, str]]  # kind ("int8", "int4") -> (decode kernel, prefill kernel)
+    activation: str  # "bfloat16" or "float32"
+    key: dict = field(default_factory=dict)  # what the plan was measured on (machine_key)
+    timings_ms: dict = field(default_factory=dict)  # per candidate, for the benchmark report
+    seconds: float = 0.0  # time spent planning
+
+    def describe(self) -> str:
+        """One line for ``--stats`` and ``--json``, e.g. ``int8 decode int8pack, prefill int_mm; bfloat16``."""
+        parts = [f"{kind} decode {decode}, prefill {prefill}" for kind, (decode, prefill) in self.kernels.items()]
+        return "; ".join(parts) + f"; {self.activation}"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        data["kernels"] = {kind: tuple(pair) for kind, pair in data["kernels"].items()}
+        return cls(**data)
+
+
+def machine_key(scheme: str) -> dict:
+    """What a plan depends on: the CPU (model and flags), torch, the thread count, the scheme."""
+    cpu, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu in ("", platform.machine()):
+                cpu = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")) and not flags:
+                flags = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "format": PLAN_FORMAT,
+        "scheme": scheme,
+        "cpu": cpu,
+        "flags": hashlib.sha256(flags.encode()).hexdigest()[:16],
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def kinds_of(model: nn.Module) -> dict[str, list[QuantLinear]]:
+    """The model's quantized layers by kind."""
+    found: dict[str, list[QuantLinear]] = {}
+    for module in model.modules():
+        for kind, cls in KINDS.items():
+            if type(module) is cls:
+                found.setdefault(kind, []).append(module)
+    return found
+
+
+def apply(model: nn.Module, plan: Plan) -> None:
+    """Set every quantized layer's kernels and convert the model's float tensors to the activation dtype."""
+    dtype = ACTIVATIONS[plan.activation]
+    for kind, modules in kinds_of(model).items():
+        decode, prefill = plan.kernels[kind]
+        for module in modules:
+            module.decode, module.prefill, module.activation = decode, prefill, dtype
+    quantized = {
+        id(p)
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+        for name, p in m.named_parameters()
+        if name != "bias"
+    }
+    for parameter in model.parameters():
+        if id(parameter) not in quantized and parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
+
+
+# --- probing in a child process ----------------------------------------------------------
+
+_PROBE = r"""
+import sys, torch
+from torch import nn
+from rinna_cli.int8 import Int8Linear
+from rinna_cli.int4 import Int4Linear
+torch.manual_seed(0)
+for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
+    linear = nn.Linear(256, 96, bias=True)
+    module = cls.quantize(linear)
+    for name in cls.KERNELS:
+        try:
+            module.decode = module.prefill = name
+            good = True
+            for rows in (1, 3, 48):
+                x = torch.randn(rows, 256)
+                want = linear(x)
+                got = module(x).float()
+                good = good and bool(((got - want).norm() / want.norm()) < (0.05 if kind == "int8" else 0.25))
+        except Exception:
+            good = False
+        print(f"{kind}:{name}:{int(good)}", flush=True)
+"""
+
+
+def start_probe() -> subprocess.Popen:
+    """Start probing every kernel in a child process (a crash there costs nothing here)."""
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(
+        [sys.executable, "-c", _PROBE],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
+
+
+def finish_probe(process: subprocess.Popen, timeout: float = 60.0) -> set[str]:
+    """The kernels (``"int8:int_mm"`` ...) that ran and gave right results; a kernel that crashed the child is missing."""
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+    working = set()
+    for line in out.splitlines():
+        kind, name, good = (line.split(":") + ["", "", ""])[:3]
+        if good == "1":
+            working.add(f"{kind}:{name}")
+    return working
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def _samples(modules: list[QuantLinear], per_shape: int) -> tuple[list[QuantLinear], dict[tuple[int, int], int]]:
+    """A few modules of each shape (from different layers) and how many the model has of each."""
+    counts: dict[tuple[int, int], int] = {}
+    chosen: dict[tuple[int, int], list[QuantLinear]] = {}
+    for module in modules:
+        shape = (module.out_features, module.in_features)
+        counts[shape] = counts.get(shape, 0) + 1
+        if len(chosen.setdefault(shape, [])) < per_shape:
+            chosen[shape].append(module)
+    return [m for group in chosen.values() for m in group], counts
+
+
+def _linear_pass(modules: list[QuantLinear], kernel: str, rows: int, dtype: torch.dtype, per_shape: int):
+    """A function that runs ``kernel`` over a sample of ``modules`` and returns its estimate for all of them, s."""
+    sample, counts = _samples(modules, per_shape)
+    inputs = {m.in_features: torch.randn(rows, m.in_features).to(dtype) for m in sample}
+    function = type(sample[0]).KERNELS[kernel]
+
+    def run() -> dict:
+        times: dict = {}
+        for module in sample:
+            began = time.perf_counter()
+            function(module, inputs[module.in_features]).to(dtype)
+            shape = (module.out_features, module.in_features)
+            times[shape] = min(times.get(shape, float("inf")), time.perf_counter() - began)
+        return {shape: (seconds, counts[shape]) for shape, seconds in times.items()}
+
+    return run
+
+
+def _attention_pass(model: nn.Module, dtype: torch.dtype):
+    """A function that times one decode step's attention over :data:`ATTENTION_TOKENS` cached tokens, all layers."""
+    config = model.config
+    heads, size = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    q = torch.randn(1, heads, 1, size).to(dtype)
+    k, v = (torch.randn(1, heads, ATTENTION_TOKENS, size).to(dtype) for _ in range(2))
+
+    def run() -> dict:
+        began = time.perf_counter()
+        F.scaled_dot_product_attention(q, k, v)
+        return {"attention": (time.perf_counter() - began, config.num_hidden_layers)}
+
+    return run
+
+
+def _race(runs: dict, deadline: float, rounds: int = 5) -> dict[str, float]:
+    """Each run's estimate from its fastest time per shape over interleaved rounds (A B C A B C ...).
+
+    A run returns {shape: (seconds, count in the model)}; its estimate is the sum of each
+    shape's fastest seconds times its count, so a busy moment (other processes) in one
+    round spoils one shape of one round only. Round 0 is a warm-up (torch builds its
+    kernels per shape) and is used only for what no later round measured. After round
+    2 a run more than 3x slower than the fastest of its group (the label up to ``/``)
+    is dropped; a run that raises is left out.
+    """
+    warm: dict[str, dict] = {}
+    fastest: dict[str, dict] = {}
+    alive = dict(runs)
+
+    def estimate(label: str) -> float:
+        shapes = {**warm[label], **fastest.get(label, {})}
+        return sum(seconds * count for seconds, count in shapes.values())
+
+    for round_ in range(rounds + 1):
+        for label, run in list(alive.items()):
+            if time.perf_counter() > deadline:
+                break
+            try:
+                with torch.inference_mode():
+                    times = run()
+            except Exception:  # noqa: BLE001 - a kernel that fails on these shapes is skipped
+                alive.pop(label)
+                continue
+            if round_ == 0:
+                warm[label] = times
+                continue
+            best = fastest.setdefault(label, {})
+            for shape, (seconds, count) in times.items():
+                best[shape] = (min(seconds, best.get(shape, (seconds, count))[0]), count)
+        if time.perf_counter() > deadline:
+            break
+        if round_ >= 2:
+            for label in list(alive):
+                group = label.split("/")[0]
+                if estimate(label) > 3 * min(estimate(k) for k in warm if k.split("/")[0] == group):
+                    alive.pop(label)
+    return {label: estimate(label) for label in warm}
+
+
+def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budget_s: float = BUDGET_S) -> Plan:
+    """Time the working kernels on ``model``'s layers and return the fastest plan found within ``budget_s``.
+
+    Decoding decides the activation dtype: the sum of each kind's fastest decode kernel
+    and the attention in that dtype. Prefill then picks each kind's fastest kernel at
+    :data:`PREFILL_ROWS` rows in that dtype.
+    """
+    began = time.perf_counter()
+    kinds = kinds_of(model)
+    names = {
+        kind: [n for n in KINDS[kind].KERNELS if working is None or f"{kind}:{n}" in working] or [KINDS[kind].decode]
+        for kind in kinds
+    }
+    decode_runs = {}
+    for activation, dtype in ACTIVATIONS.items():
+        decode_runs[f"attention {activation}/{activation}"] = _attention_pass(model, dtype)
+        for kind, modules in kinds.items():
+            for name in names[kind]:
+                if name not in PREFILL_ONLY:
+                    decode_runs[f"decode {kind}/{name} {activation}"] = _linear_pass(
+                        modules, name, DECODE_ROWS, dtype, _SAMPLES
+                    )
+    decode = _race(decode_runs, began + budget_s * 0.6)
+    cost, choice = {}, {}
+    for activation in ACTIVATIONS:
+        picks = {}
+        for kind in kinds:
+            timed = {
+                k: v for k, v in decode.items() if k.startswith(f"decode {kind}/") and k.endswith(f" {activation}")
+            }
+            if timed:
+                picks[kind] = min(timed, key=timed.get)
+        if len(picks) == len(kinds) and f"attention {activation}/{activation}" in decode:
+            cost[activation] = decode[f"attention {activation}/{activation}"] + sum(decode[k] for k in picks.values())
+            choice[activation] = {kind: label.split("/")[1].split(" ")[0] for kind, label in picks.items()}
+    activation = min(cost, key=cost.get) if cost else "float32"
+    dtype = ACTIVATIONS[activation]
+
+    def promising(kind: str, name: str) -> bool:
+        """Not far slower at one row than the fastest (float32 int4 was 7x slower at 1 row, 250x at 48)."""
+        if name in PREFILL_ONLY:
+            return True
+        seconds = decode.get(f"decode {kind}/{name} {activation}")
+        fastest = min(
+            (v for k, v in decode.items() if k.startswith(f"decode {kind}/") and k.endswith(activation)), default=None
+        )
+        return seconds is not None and fastest is not None and seconds <= 3 * fastest
+
+    prefill_runs = {
+        f"prefill {kind}/{name} {activation}": _linear_pass(modules, name, PREFILL_ROWS, dtype, 1)
+        for kind, modules in kinds.items()
+        if not (kind == "int8" and "int4" in kinds)  # in an int4 model the int8 layer is the output head: one row
+        for name in names[kind]
+        if promising(kind, name)
+    }
+    prefill = _race(prefill_runs, began + budget_s)
+    kernels = {}
+    for kind in kinds:
+        fast = choice.get(activation, {}).get(kind, KINDS[kind].decode)
+        timed = {k: v for k, v in prefill.items() if k.startswith(f"prefill {kind}/")}
+        slow = min(timed, key=timed.get).split("/")[1].split(" ")[0] if timed else fast
+        kernels[kind] = (fast, slow)
+    timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **prefill}.items()}
+    return Plan(kernels, activation, machine_key(scheme), timings, round(time.perf_counter() - began, 3))
+
+
+def cached_plan(path: Path, scheme: str) -> Plan | None:
+    """The plan saved at ``path`` if it was made on this machine, torch and thread count."""
+    try:
+        plan = Plan.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return plan if plan.key == machine_key(scheme) else None
+
+
+def save_plan(path: Path, plan: Plan) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(plan.to_json(), encoding="utf-8")
+    os.replace(temporary, path)

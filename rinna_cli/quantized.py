@@ -1,0 +1,106 @@
+"""The quantized CPU model (``--quantize int8`` or ``int4``): one entry point for the engine.
+
+First start: the checkpoint is quantized a layer at a time into the cache (while a
+child process probes which kernels run, :func:`rinna_cli.kernels.start_probe`), then the
+kernels are measured on the loaded model and the plan is saved beside the weights.
+Later starts memory-map the cached weights and read the plan; a plan made on another
+CPU, torch or thread count is measured again.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from rinna_cli import checkpoint, int4, int8, kernels
+from rinna_cli.errors import ModelError
+
+SCHEMES = ("int8", "int4")
+
+
+def _layout(scheme: str, config) -> tuple[str, nn.Module]:
+    """The cache format (with what the packed layout depends on) and the meta-device model of ``scheme``."""
+    if scheme == "int4":
+        return f"{int4.FORMAT} ({int4.layout_tag()})", int8.meta_model(config, int4.choose)
+    return int8.FORMAT, int8.meta_model(config)
+
+
+def cache_path(folder: Path, scheme: str, cache_dir: Path, config) -> Path:
+    return cache_dir / scheme / f"{int8.cache_key(folder, _layout(scheme, config)[0])}.safetensors"
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    return (
+        isinstance(err, MemoryError)
+        or getattr(err, "errno", None) == errno.ENOMEM
+        or "out of memory" in str(err).lower()
+    )
+
+
+def load_quantized(
+    folder: Path,
+    files: list[Path],
+    config,
+    cache_dir: Path,
+    scheme: str = "int8",
+    progress: Callable[[str], None] = lambda _: None,
+    plan: kernels.Plan | None = None,
+) -> tuple[nn.Module, kernels.Plan]:
+    """The ``scheme`` model from the cache (quantizing it first if absent or damaged) with its kernel plan applied.
+
+    ``files`` are the checkpoint's safetensors files or ``pytorch_model*.bin`` pickles;
+    ``config`` is the transformers config. Raises :class:`ModelError` when the cache
+    cannot be written; other loader errors propagate for the engine to word. A ``plan``
+    given is used as it is (nothing measured or saved): to force kernels.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization scheme {scheme!r}")
+    format, model = _layout(scheme, config)
+    path = cache_dir / scheme / f"{int8.cache_key(folder, format)}.safetensors"
+    plan_path = path.with_suffix(".plan.json")
+    plan = plan or kernels.cached_plan(plan_path, scheme)
+    loaded, probe = None, None
+    if path.is_file():
+        progress(f"loading {scheme} weights")
+        try:
+            loaded = int8.load(config, path, model)
+        except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
+            if _out_of_memory(err):
+                raise
+            path.unlink(missing_ok=True)
+            model = _layout(scheme, config)[1]
+    if loaded is None:
+        probe = None if plan else kernels.start_probe()  # runs while the weights are quantized
+        progress(f"quantizing to {scheme} (first start only)")
+        try:
+            checkpoint.quantize_into(files, model, path, format)
+        except OSError as err:
+            _stop(probe)
+            if _out_of_memory(err):
+                raise
+            raise ModelError(
+                f"cannot write the {scheme} weights to {path.parent} ({err.strerror or err}); "
+                "free some space there or use --quantize none"
+            ) from None
+        except BaseException:
+            _stop(probe)
+            raise
+        loaded = int8.load(config, path, _layout(scheme, config)[1])
+    if plan is None:
+        progress("measuring the kernels (first start on this machine)")
+        plan = kernels.measure(loaded, scheme, kernels.finish_probe(probe or kernels.start_probe()))
+        try:
+            kernels.save_plan(plan_path, plan)
+        except OSError:  # the weights are cached: a plan that cannot be saved is measured again next time
+            pass
+    kernels.apply(loaded, plan)
+    return loaded, plan
+
+
+def _stop(probe) -> None:
+    if probe is not None:
+        probe.kill()
+        probe.wait()

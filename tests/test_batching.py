@@ -1,0 +1,295 @@
+"""The continuous-batching engine: same replies as the single engine, sequences joining and leaving freely."""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+from dataclasses import asdict
+
+import pytest
+
+from rinna_cli.batching import BatchingEngine
+from rinna_cli.contract import Sampling, Step
+from rinna_cli.engine import Engine
+from rinna_cli.errors import UsageError
+from rinna_cli.session import Conversation
+from rinna_cli.tokenizer import Tokenizer
+from tests.fixtures.memorized_data import CONVERSATIONS
+from tests.fixtures.models import TINY_CORPUS
+
+GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=64, seed=0)
+
+
+def _load(folder, quantize: str, tmp_path) -> Engine:
+    dtype = "float32" if quantize == "none" else "auto"
+    return Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, quantize, cache_dir=tmp_path)
+
+
+def _alone(engine: Engine, prompt_ids: list[int], sampling: Sampling):
+    """The single engine's reply, from an empty cache."""
+    engine.forget()
+    if "sampling" in inspect.signature(engine.generate).parameters:
+        return engine.generate(prompt_ids, sampling)
+    return engine.generate(prompt_ids, asdict(sampling))  # the engine before the contract took Sampling
+
+
+def _concurrently(engine: BatchingEngine, prompts: list[list[int]], samplings: list[Sampling]):
+    replies = [None] * len(prompts)
+
+    def one(index: int) -> None:
+        replies[index] = engine.generate(prompts[index], samplings[index])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return replies
+
+
+def _memorized_prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
+    prompts = []
+    for conversation in CONVERSATIONS:
+        history = Conversation(tokenizer)
+        for question, answer in conversation:
+            history.add_user(question)
+            prompts.append((history.prompt_ids(), answer))
+            history.add_reply(answer)
+    return prompts
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_memorized_replies_are_exact_in_a_batch(memorized_model, tmp_path, quantize):
+    """All memorized prompts at once, prefilled 5 tokens a step: each reply is the memorized one, as alone."""
+    local = _load(memorized_model, quantize, tmp_path)
+    engine = BatchingEngine.wrap(local, parallel=3, prefill_chunk=5)
+    prompts = _memorized_prompts(local.tokenizer)
+    replies = _concurrently(engine, [p for p, _ in prompts], [GREEDY] * len(prompts))
+    for (prompt_ids, answer), reply in zip(prompts, replies):
+        alone = _alone(local, prompt_ids, GREEDY)
+        assert reply.text == answer
+        assert (reply.text, reply.ids, reply.finish_reason) == (alone.text, alone.ids, alone.finish_reason) == (
+            answer, alone.ids, "stop"
+        )
+        assert (reply.prompt_tokens, reply.completion_tokens) == (alone.prompt_tokens, alone.completion_tokens)
+    engine.close()
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_random_model_ids_match_the_single_engine(tiny_model, tmp_path, quantize):
+    """12 prompts of different lengths in flight together: greedy, repetition penalty and seeded sampling ids as alone."""
+    local = _load(tiny_model, quantize, tmp_path)
+    engine = BatchingEngine.wrap(local, parallel=5, prefill_chunk=7)
+    prompts = [local.tokenizer.encode(TINY_CORPUS[i % len(TINY_CORPUS)] * (1 + i % 3)) for i in range(12)]
+    samplings = [
+        Sampling(0.0, 1.0, 0, 1.0, 24, 0),
+        Sampling(0.0, 1.0, 0, 1.3, 24, 0),
+        Sampling(0.8, 0.9, 30, 1.1, 24, 7),
+        Sampling(1.0, 1.0, 0, 1.0, 24, 42),
+    ]
+    per_prompt = [samplings[i % len(samplings)] for i in range(len(prompts))]
+    replies = _concurrently(engine, prompts, per_prompt)
+    for prompt_ids, sampling, reply in zip(prompts, per_prompt, replies):
+        alone = _alone(local, prompt_ids, sampling)
+        assert reply.ids == alone.ids, (sampling, prompt_ids)
+        assert (reply.finish_reason, reply.completion_tokens) == (alone.finish_reason, alone.completion_tokens)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model, tmp_path_factory):
+    local = _load(tiny_model, "none", tmp_path_factory.mktemp("cache"))
+    return local
+
+
+def _never_stopping(local: Engine, tokens: int) -> list[int]:
+    """A prompt whose greedy reply runs to ``tokens`` tokens without </s>."""
+    for text in TINY_CORPUS:
+        prompt_ids = local.tokenizer.encode(text)
+        if _alone(local, prompt_ids, Sampling(0.0, 1.0, 0, 1.0, tokens, 0)).finish_reason == "length":
+            return prompt_ids
+    pytest.fail("every corpus prompt stops early")
+
+
+def test_a_sequence_joins_and_leaves_while_another_decodes(tiny_engine):
+    """B arrives after A has started, gets its tokens between A's, and finishes long before A."""
+    engine = BatchingEngine.wrap(tiny_engine, parallel=2, prefill_chunk=64)
+    prompt = _never_stopping(tiny_engine, 120)
+    a_tokens: list[float] = []
+    a_started = threading.Event()
+
+    def on_a(step: Step) -> None:
+        a_tokens.append(time.perf_counter())
+        if len(a_tokens) == 5:
+            a_started.set()
+
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("a", engine.generate(prompt, Sampling(0.0, 1.0, 0, 1.0, 120, 0), on_a))
+    )
+    thread.start()
+    assert a_started.wait(60)
+    b = engine.generate(prompt, Sampling(0.0, 1.0, 0, 1.0, 3, 0))
+    b_done = time.perf_counter()
+    during = engine.status()
+    thread.join()
+    assert b.completion_tokens == 3 and b.finish_reason == "length"
+    assert 5 <= sum(1 for t in a_tokens if t <= b_done) < 120  # A was mid-reply when B left
+    assert during.running == 1 and during.parallel == 2
+    assert result["a"].finish_reason == "length" and result["a"].completion_tokens == 120
+    assert result["a"].ids[:3] == b.ids  # the same prompt, the same greedy start, batched or not
+    engine.close()
+
+
+def test_long_prefill_is_chunked_between_decode_steps(tiny_engine):
+    """While a 300-token prompt is prefilled 16 tokens a step, a decoding sequence keeps getting tokens."""
+    engine = BatchingEngine.wrap(tiny_engine, parallel=2, prefill_chunk=16)
+    short = _never_stopping(tiny_engine, 200)
+    long = tiny_engine.tokenizer.encode("".join(TINY_CORPUS))[:300]
+    assert len(long) == 300
+    a_tokens: list[float] = []
+    a_started = threading.Event()
+
+    def on_a(step: Step) -> None:
+        a_tokens.append(time.perf_counter())
+        a_started.set()
+
+    thread = threading.Thread(target=engine.generate, args=(short, Sampling(0.0, 1.0, 0, 1.0, 200, 0), on_a))
+    thread.start()
+    assert a_started.wait(60)
+    submitted = time.perf_counter()
+    first: list[float] = []
+    reply = engine.generate(long, Sampling(0.0, 1.0, 0, 1.0, 4, 0), lambda step: first.append(time.perf_counter()))
+    thread.join()
+    between = sum(1 for t in a_tokens if submitted < t < first[0])
+    assert between >= 300 // 16 - 1  # one of A's tokens per prefill chunk of B
+    assert reply.ids == _alone(tiny_engine, long, Sampling(0.0, 1.0, 0, 1.0, 4, 0)).ids
+    engine.close()
+
+
+def test_stop_ends_only_its_own_sequence(tiny_engine):
+    engine = BatchingEngine.wrap(tiny_engine, parallel=2)
+    prompt = _never_stopping(tiny_engine, 80)
+    sampling = Sampling(0.0, 1.0, 0, 1.0, 80, 0)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def on_step(step: Step) -> None:
+        seen.extend(step.ids)
+        if len(seen) == 10:
+            stop.set()
+
+    result = {}
+    other = threading.Thread(target=lambda: result.setdefault("b", engine.generate(prompt, sampling)))
+    other.start()
+    stopped = engine.generate(prompt, sampling, on_step, stop)
+    other.join()
+    alone = _alone(tiny_engine, prompt, sampling)
+    # on_step runs on this thread while the batch goes on: the sequence ends after the step in progress
+    assert stopped.finish_reason == "interrupted" and 10 <= stopped.completion_tokens <= 12
+    assert stopped.ids == alone.ids[: stopped.completion_tokens]
+    assert result["b"].finish_reason == "length" and result["b"].ids == alone.ids
+    engine.close()
+
+
+def test_an_on_step_error_stops_its_sequence_and_is_raised(tiny_engine):
+    engine = BatchingEngine.wrap(tiny_engine, parallel=2)
+    prompt = _never_stopping(tiny_engine, 40)
+    sampling = Sampling(0.0, 1.0, 0, 1.0, 40, 0)
+
+    def broken(step: Step) -> None:
+        raise BrokenPipeError("client went away")
+
+    result = {}
+    other = threading.Thread(target=lambda: result.setdefault("b", engine.generate(prompt, sampling)))
+    other.start()
+    with pytest.raises(BrokenPipeError):
+        engine.generate(prompt, sampling, broken)
+    other.join()
+    assert result["b"].completion_tokens == 40
+    deadline = time.monotonic() + 10
+    while engine.status().running and time.monotonic() < deadline:  # the broken one left after its next token
+        time.sleep(0.01)
+    assert engine.status().running == 0
+    engine.close()
+
+
+def test_at_most_parallel_run_and_the_rest_wait(tiny_engine):
+    engine = BatchingEngine.wrap(tiny_engine, parallel=2)
+    prompt = _never_stopping(tiny_engine, 30)
+    statuses = []
+    replies = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        reply = engine.generate(prompt, Sampling(0.0, 1.0, 0, 1.0, 30, 0), lambda step: statuses.append(engine.status()))
+        with lock:
+            replies.append(reply)
+
+    threads = [threading.Thread(target=one) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert max(s.running for s in statuses) == 2
+    assert max(s.waiting for s in statuses) >= 1
+    assert len({tuple(r.ids) for r in replies}) == 1 and len(replies) == 5
+    final = engine.status()
+    assert (final.running, final.waiting, final.prefilling) == (0, 0, 0) and final.tokens_per_s > 0
+    engine.close()
+
+
+def test_steps_carry_the_decoded_text(memorized_model, tmp_path):
+    """The steps' text joins up to the reply (byte-fallback characters whole), each id once, </s> last."""
+    local = _load(memorized_model, "none", tmp_path)
+    engine = BatchingEngine.wrap(local, parallel=2)
+    prompt_ids, answer = _memorized_prompts(local.tokenizer)[2]  # お寿司🍣 ... 𠮷野家
+    steps: list[Step] = []
+    reply = engine.generate(prompt_ids, GREEDY, steps.append)
+    assert "".join(step.text for step in steps) == reply.text == answer
+    assert [i for step in steps for i in step.ids] == reply.ids + [local.tokenizer.special.eos]
+    assert all("\ufffd" not in step.text for step in steps)
+    engine.close()
+
+
+def test_the_cache_is_bounded_by_the_prompt_and_reply(tiny_engine):
+    engine = BatchingEngine.wrap(tiny_engine, parallel=1)
+    window = tiny_engine.window
+    with pytest.raises(UsageError, match="window"):
+        engine.generate([5] * (window - 10), Sampling(0.0, 1.0, 0, 1.0, 11, 0))
+    with pytest.raises(UsageError, match="empty prompt"):
+        engine.generate([], GREEDY)
+    shapes = []
+    original = engine._start
+
+    def spy(sequence) -> None:
+        original(sequence)
+        shapes.append(tuple(sequence.keys.shape))
+
+    engine._start = spy
+    reply = engine.generate([5] * 20, Sampling(0.0, 1.0, 0, 1.0, 7, 0))
+    config = tiny_engine.model.config
+    head_size = config.hidden_size // config.num_attention_heads
+    assert shapes == [(config.num_hidden_layers, config.num_attention_heads, 20 + 7, head_size)]
+    assert reply.completion_tokens <= 7
+    engine.close()
+
+
+def test_close_ends_waiting_calls_and_refuses_new_ones(tiny_engine):
+    engine = BatchingEngine.wrap(tiny_engine, parallel=1)
+    prompt = _never_stopping(tiny_engine, 200)
+    started = threading.Event()
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault(
+            "a", engine.generate(prompt, Sampling(0.0, 1.0, 0, 1.0, 200, 0), lambda step: started.set())
+        )
+    )
+    thread.start()
+    assert started.wait(60)
+    engine.close()
+    thread.join()
+    assert result["a"].finish_reason == "interrupted" and result["a"].completion_tokens < 200
+    with pytest.raises(Exception, match="closed"):
+        engine.generate(prompt, GREEDY)

@@ -1,0 +1,89 @@
+"""Checkpoints read a layer at a time: the same tensors from safetensors and pickles, in bounded memory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from benchmarks import model as bench_model
+from rinna_cli import checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_pickles_and_safetensors_give_the_same_groups(memorized_model, tmp_path):
+    state = load_file(str(memorized_model / "model.safetensors"))
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    wanted = {checkpoint.model_name(key) for key in state}
+    from_safetensors = [dict(g) for g in checkpoint.layers([memorized_model / "model.safetensors"], wanted)]
+    from_pickle = [dict(g) for g in checkpoint.layers([tmp_path / "pytorch_model.bin"], wanted)]
+    assert [sorted(g) for g in from_pickle] == [sorted(g) for g in from_safetensors]
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(from_pickle, from_safetensors) for k in a)
+    names = [sorted(g) for g in from_safetensors]
+    layer0 = next(g for g in names if g[0].startswith("gpt_neox.layers.0."))
+    assert all(name.startswith("gpt_neox.layers.0.") for name in layer0) and len(layer0) > 8  # a whole layer at once
+    assert ["lm_head.weight"] in names  # rinna's embed_out, under the model's name
+
+
+def test_a_pickle_with_other_objects_is_refused(tmp_path):
+    path = tmp_path / "pytorch_model.bin"
+    torch.save({"weight": torch.zeros(2), "when": __import__("datetime").date(2024, 1, 1)}, path)
+    with pytest.raises(Exception) as raised:
+        list(checkpoint.layers([path], {"weight"}))
+    assert "weights_only" in str(raised.value) or "Unpickl" in type(raised.value).__name__
+
+
+_CHILD = r"""
+import json, sys, torch
+from pathlib import Path
+from transformers import AutoConfig
+from rinna_cli import kernels
+from rinna_cli.quantized import load_quantized
+def peak():  # VmHWM: ru_maxrss would start at the parent's RSS at fork
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+folder, file, cache = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+config = AutoConfig.from_pretrained(folder)
+before = peak()
+model, _ = load_quantized(folder, [folder / file], config, cache, "int8", plan=kernels.Plan({"int8": ("int_mm", "int_mm")}, "float32"))
+model(torch.tensor([[5, 6, 7]]))
+print(json.dumps({"before": before, "peak": peak()}))
+"""
+
+
+@pytest.fixture(scope="module")
+def full_width(tmp_path_factory) -> Path:
+    """rinna's full width (hidden 2816, vocabulary 32000) with 3 layers, float16, as safetensors and as a pickle."""
+    folder = tmp_path_factory.mktemp("full-width")
+    (folder / "config.json").write_text(json.dumps(bench_model.config_dict(3)))
+    specs = bench_model._tensor_specs(folder)
+    bench_model.write_safetensors(folder / "model.safetensors", specs)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("file", [
+    pytest.param("pytorch_model.bin", marks=pytest.mark.xfail(strict=True, reason=(
+        "open defect: measured growth 1.57 GB against a bound of 1.02 GB (int8 cache 0.74 GB + 1.5 layers); "
+        "per-layer mappings are released (RssFile stays at one layer), the excess is elsewhere"))),
+    "model.safetensors",
+])
+def test_a_first_start_holds_one_layer_beyond_the_quantized_weights(full_width, tmp_path, file):
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "config.json").write_text((full_width / "config.json").read_text())
+    (source / file).symlink_to(full_width / file)
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(source), file, str(tmp_path / "cache")], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    (cache,) = (tmp_path / "cache" / "int8").glob("*.safetensors")
+    layer = 2 * sum(s.numel() for k, s in load_file(str(full_width / "model.safetensors")).items() if ".layers.0." in k)
+    growth = measured["peak"] - measured["before"]
+    # the whole float16 checkpoint is 1.0 GB and the int8 cache 0.74 GB: reading it whole would grow by 1.7 GB
+    assert cache.stat().st_size * 0.9 <= growth <= cache.stat().st_size + 1.5 * layer, (growth, cache.stat().st_size, layer)

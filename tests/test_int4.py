@@ -1,0 +1,71 @@
+"""int4 weights: the groupwise quantization, the layers that stay int8, exact memorized replies, the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
+
+from rinna_cli import int4, kernels
+from rinna_cli.int8 import Int8Linear
+from rinna_cli.quantized import cache_path, load_quantized
+from rinna_cli.tokenizer import Tokenizer
+from tests.greedy import EXPECTED, replies
+
+
+def load(folder: Path, cache: Path, plan):
+    return load_quantized(folder, [folder / "model.safetensors"], AutoConfig.from_pretrained(folder), cache, "int4", plan=plan)
+
+
+def plan(kernel: str, activation: str) -> kernels.Plan:
+    return kernels.Plan({"int4": (kernel, kernel), "int8": ("int8pack", "int8pack")}, activation)
+
+
+def test_group_sizes_follow_the_shape():
+    assert int4.group_for(2816, 11264) == int4.GROUP_SIZE == 128
+    assert int4.group_for(64, 128) == 64  # the memorized model's layers
+    assert int4.group_for(96, 64) == 32
+    assert int4.group_for(64, 482) == 0  # outputs not a multiple of 16: the kernel cannot take it
+    assert int4.group_for(48, 64) == 0
+
+
+def test_dequantized_weights_are_within_half_a_step_of_each_group():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * torch.linspace(0.01, 2, 64)[:, None]
+    linear = torch.nn.Linear(256, 64, bias=False)
+    linear.weight.data = weight
+    module = int4.Int4Linear.quantize(linear)
+    assert module.group_size == 128 and module.weight.dtype == torch.uint8 and module.weight.shape == (64, 128)
+    module.decode = module.prefill = "int4pack_f32"
+    dequantized = module(torch.eye(256)).t()  # row i of the identity picks input i
+    groups = weight.reshape(64, 2, 128)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    error = (dequantized - weight).abs().reshape(64, 2, 128)
+    assert (error <= step[..., None] * 0.5 + groups.abs() * 0.01 + 1e-6).all()
+
+
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+@pytest.mark.parametrize("kernel", int4.Int4Linear.KERNELS)
+def test_the_memorized_replies_hold_with_int4(memorized_model, tmp_path, kernel, activation):
+    model, chosen = load(memorized_model, tmp_path, plan(kernel, activation))
+    assert type(model.gpt_neox.layers[0].mlp.dense_h_to_4h) is int4.Int4Linear
+    assert type(model.lm_head) is Int8Linear  # the output head stays int8
+    assert chosen.describe() == f"int4 decode {kernel}, prefill {kernel}; int8 decode int8pack, prefill int8pack; {activation}"
+    assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
+
+
+def test_the_int4_cache_is_half_the_int8_weights_and_keyed_by_the_packed_layout(memorized_model, tmp_path, monkeypatch):
+    load(memorized_model, tmp_path, plan("int4pack", "float32"))
+    (path,) = (tmp_path / "int4").glob("*.safetensors")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad")}
+    packed = state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
+    assert packed.dtype == torch.uint8 and packed.shape == (128, 32)  # two 4-bit codes per byte
+    assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.scales_zeros"].shape == (1, 128, 2)
+    assert state["lm_head.weight"].dtype == torch.int8
+    config = AutoConfig.from_pretrained(memorized_model)
+    assert cache_path(memorized_model, "int4", tmp_path, config) == path
+    monkeypatch.setattr(int4, "layout_tag", lambda: "torch 9.9, AVX2")  # another torch or CPU packs differently
+    assert cache_path(memorized_model, "int4", tmp_path, config) != path

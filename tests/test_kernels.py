@@ -1,0 +1,112 @@
+"""The kernel plan: measured on the model, cached per machine, crash-proof probing, applied to every layer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from rinna_cli import int8, kernels
+from rinna_cli.quantized import load_quantized
+
+FIXED = kernels.Plan({"int8": ("int_mm", "int_mm")}, "float32")
+
+
+def load(folder: Path, cache: Path, plan=FIXED):
+    return load_quantized(folder, [folder / "model.safetensors"], AutoConfig.from_pretrained(folder), cache, "int8", plan=plan)
+
+
+def test_describe_is_one_short_line():
+    plan = kernels.Plan({"int4": ("int4pack", "int4pack"), "int8": ("int8pack", "int_mm")}, "bfloat16")
+    assert plan.describe() == "int4 decode int4pack, prefill int4pack; int8 decode int8pack, prefill int_mm; bfloat16"
+
+
+def test_a_plan_survives_its_json():
+    plan = kernels.Plan({"int8": ("int8pack", "int_mm")}, "bfloat16", kernels.machine_key("int8"), {"x": 1.5}, 0.25)
+    assert kernels.Plan.from_json(plan.to_json()) == plan
+
+
+def test_the_key_names_cpu_torch_threads_and_scheme():
+    key = kernels.machine_key("int4")
+    assert key["scheme"] == "int4" and key["torch"] == torch.__version__ and key["threads"] == torch.get_num_threads()
+    assert key["cpu"] and len(key["flags"]) == 16 and key["capability"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_the_probe_keeps_only_kernels_that_ran_and_were_right():
+    working = kernels.finish_probe(kernels.start_probe())
+    assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS} <= working  # all run on this machine
+    assert "int4:int4pack" in working
+
+
+def test_a_crash_in_the_probe_loses_only_the_kernels_not_yet_reported():
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys; print('int8:int_mm:1', flush=True); print('int8:dequant:0', flush=True); os.abort()"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert kernels.finish_probe(child) == {"int8:int_mm"}
+
+
+def test_measuring_picks_working_kernels_and_never_one_that_raises(memorized_model, tmp_path, monkeypatch):
+    model, _ = load(memorized_model, tmp_path)
+
+    def broken(module, rows):
+        raise RuntimeError("no such kernel on this CPU")
+
+    monkeypatch.setitem(int8.Int8Linear.KERNELS, "broken", broken)
+    plan = kernels.measure(model, "int8", {"int8:broken", "int8:int8pack", "int8:int_mm"}, budget_s=2.0)
+    decode, prefill = plan.kernels["int8"]
+    assert decode in ("int8pack", "int_mm") and prefill in ("int8pack", "int_mm")
+    assert plan.activation in kernels.ACTIVATIONS and plan.key == kernels.machine_key("int8")
+    assert not any("broken" in label for label in plan.timings_ms)
+    assert any(label.startswith("decode int8/int_mm") for label in plan.timings_ms)
+    assert any(label.startswith("prefill int8/") for label in plan.timings_ms)
+
+
+def test_no_budget_left_means_the_defaults(memorized_model, tmp_path):
+    model, _ = load(memorized_model, tmp_path)
+    plan = kernels.measure(model, "int8", None, budget_s=0.0)
+    assert plan.describe() == "int8 decode int_mm, prefill int_mm; float32" and plan.timings_ms == {}
+
+
+def test_apply_sets_kernels_and_activation_dtype_but_keeps_weights_and_rotary(memorized_model, tmp_path):
+    model, _ = load(memorized_model, tmp_path)
+    kernels.apply(model, kernels.Plan({"int8": ("int8pack", "dequant")}, "bfloat16"))
+    layers = [m for m in model.modules() if isinstance(m, int8.Int8Linear)]
+    assert len(layers) == 2 * 4 + 1
+    assert all((m.decode, m.prefill, m.activation) == ("int8pack", "dequant", torch.bfloat16) for m in layers)
+    assert all(m.weight.dtype == torch.int8 and m.scale.dtype == torch.float32 for m in layers)
+    assert model.gpt_neox.embed_in.weight.dtype == torch.bfloat16
+    assert model.gpt_neox.layers[0].input_layernorm.weight.dtype == torch.bfloat16
+    assert model.gpt_neox.rotary_emb.inv_freq.dtype == torch.float32
+    out = model(torch.tensor([[5, 6, 7]])).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_a_plan_from_another_machine_is_measured_again(memorized_model, tmp_path, monkeypatch):
+    _, plan = load(memorized_model, tmp_path, plan=None)
+    (path,) = (tmp_path / "int8").glob("*.plan.json")
+    data = json.loads(path.read_text())
+    assert data["key"] == kernels.machine_key("int8")
+    data["key"]["threads"] += 1  # as if planned with another thread count
+    data["kernels"] = {"int8": ["dequant", "dequant"]}
+    path.write_text(json.dumps(data))
+    calls = []
+    real = kernels.measure
+    monkeypatch.setattr(kernels, "measure", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, again = load(memorized_model, tmp_path, plan=None)
+    assert calls == [1] and again.key == kernels.machine_key("int8")
+    assert json.loads(path.read_text())["key"] == kernels.machine_key("int8")
+    assert model.lm_head.decode == again.kernels["int8"][0]
+
+
+def test_a_plan_that_cannot_be_read_is_measured_again(memorized_model, tmp_path):
+    load(memorized_model, tmp_path, plan=None)
+    (path,) = (tmp_path / "int8").glob("*.plan.json")
+    path.write_text("{not json")
+    _, plan = load(memorized_model, tmp_path, plan=None)
+    assert kernels.Plan.from_json(path.read_text()) == plan
