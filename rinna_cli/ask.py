@@ -60,6 +60,8 @@ def _json_line(reply: Reply, model: str) -> str:
         "ttft_s": round(reply.ttft_s, 4),
         "tokens_per_s": round(reply.tokens_per_s, 2),
     }
+    if reply.kernels:  # the local quantized engine: which kernels ran
+        fields["kernels"] = reply.kernels
     return json.dumps(fields, ensure_ascii=False)
 
 

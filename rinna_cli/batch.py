@@ -10,27 +10,25 @@ line that cannot be run; the id is the given one or the line number.
 
 Up to ``parallel`` prompts are generated at once (the engine batches them:
 :class:`rinna_cli.batching.BatchingEngine` locally, the server behind
-``--endpoint``). Written to ``-o OUT``, every finished row is appended at once
-(one ``write`` of a whole line, so a kill loses only the replies in flight) and
-the file is put in input order when the run completes; a rerun with the same
-OUT skips the ids it already holds and retries its error rows. On standard
-output rows come in input order as soon as all earlier ones are done.
+``--endpoint``). Rows go to ``-o OUT`` as they finish, resumably, or to standard
+output in input order as soon as all earlier ones are done
+(:mod:`rinna_cli.batch_output`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import queue
 import sys
 import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Callable
+from typing import Callable
 
 from rinna_cli import config
-from rinna_cli.contract import Engine, Reply, Sampling, check_fits
+from rinna_cli.batch_output import Item, OutFile, OutStream, error_row, key as _key, reply_row
+from rinna_cli.contract import Engine, Sampling, check_fits
 from rinna_cli.environment import Environment, model_files
 from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.inputs import compose_question
@@ -41,17 +39,6 @@ from rinna_cli.tokenizer import Tokenizer
 MAX_PARALLEL = 64
 ROLES = {"user": USER, "assistant": SYSTEM}
 FIELDS = {"id", "prompt", "messages", *config.SAMPLING_KEYS}
-
-
-@dataclass(frozen=True)
-class Item:
-    """One input line, ready to run (``prompt_ids``) or refused (``error``)."""
-
-    line: int  # 1-based
-    id: str | int
-    prompt_ids: list[int] | None = None
-    sampling: Sampling | None = None
-    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -84,11 +71,6 @@ class Result:
     def exit_code(self) -> int:
         """130 after Ctrl-C, 1 when some line failed, else 0."""
         return 130 if self.interrupted else 1 if self.failed else 0
-
-
-def _key(value: str | int) -> str:
-    """An id as a dictionary key: 1 and "1" are different ids."""
-    return json.dumps(value, ensure_ascii=False)
 
 
 def _conversation(tokenizer: Tokenizer, messages: object) -> Conversation:
@@ -184,113 +166,83 @@ def read_items(data: bytes, tokenizer: Tokenizer, defaults: Sampling, window: in
     return items
 
 
-def reply_row(item: Item, reply: Reply) -> dict:
-    return {
-        "id": item.id,
-        "reply": reply.text,
-        "finish_reason": reply.finish_reason,
-        "prompt_tokens": reply.prompt_tokens,
-        "completion_tokens": reply.completion_tokens,
-    }
+def _work(todo: list[Item], engine: Engine, parallel: int, stop: threading.Event) -> tuple[list, queue.SimpleQueue]:
+    """Start ``parallel`` workers over the runnable items; each finished item comes as (index, row or None, tokens)."""
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+    for index, item in enumerate(todo):
+        if item.error is None:
+            pending.put(index)
+    finished: queue.SimpleQueue = queue.SimpleQueue()
 
-
-def error_row(item: Item, error: str) -> dict:
-    return {"id": item.id, "line": item.line, "error": error}
-
-
-def _encode(row: dict) -> bytes:
-    return (json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8")
-
-
-class OutFile:
-    """``-o OUT``: the ids already done, rows appended whole, and input order restored at the end."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: set[str] = set()
-        kept = self._read()
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        if kept is not None:  # error rows (retried now) or a torn last line: rewrite without them first
-            self._replace(kept)
-
-    def _read(self) -> list[bytes] | None:
-        """The rows worth keeping, or None when all are; fills :attr:`done`."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise UsageError(f"-o {self.path}: cannot read it ({err.strerror or err})") from None
-        rows = data.split(b"\n")
-        torn = rows.pop() != b""  # a last line without its newline was cut by a kill
-        kept, dropped = [], torn
-        for number, raw in enumerate(rows, 1):
+    def work() -> None:
+        while not stop.is_set():
             try:
-                row = json.loads(raw)
-                key = _key(row["id"])
-            except (ValueError, KeyError, TypeError):
-                raise UsageError(
-                    f"-o {self.path}: line {number} is not a row of rinna batch; pass another file to write to"
-                ) from None
-            if "error" in row or key in self.done:
-                dropped = True
+                index = pending.get_nowait()
+            except queue.Empty:
+                return
+            item = todo[index]
+            assert item.prompt_ids is not None and item.sampling is not None
+            try:
+                reply = engine.generate(item.prompt_ids, item.sampling, stop=stop)
+            except RinnaError as err:
+                finished.put((index, error_row(item, str(err)), 0))
                 continue
-            self.done.add(key)
-            kept.append(raw + b"\n")
-        return kept if dropped else None
+            except Exception as err:  # noqa: BLE001 - one line's failure never ends the job
+                finished.put((index, error_row(item, f"{type(err).__name__}: {err}"), 0))
+                continue
+            if reply.finish_reason == "interrupted":
+                finished.put((index, None, 0))  # in flight at Ctrl-C: not a finished reply
+            else:
+                finished.put((index, reply_row(item, reply), reply.completion_tokens))
 
-    def _replace(self, rows: list[bytes]) -> None:
-        temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        try:
-            temporary.write_bytes(b"".join(rows))
-            os.chmod(temporary, os.stat(self.path).st_mode & 0o777)
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-
-    def write(self, row: dict) -> None:
-        data = _encode(row)
-        while data:  # one write for a line in practice; the loop only guards a short write
-            data = data[os.write(self._fd, data) :]
-
-    def finish(self, order: list[Item]) -> None:
-        """Put the rows in input order (rows of ids not in this input last), atomically."""
-        rows = [raw + b"\n" for raw in self.path.read_bytes().split(b"\n") if raw]
-        line_of: dict[str, int] = {}
-        for item in order:
-            if item.error is None:
-                line_of.setdefault(_key(item.id), item.line)
-
-        def rank(raw: bytes) -> int:
-            row = json.loads(raw)
-            return row["line"] if "error" in row else line_of.get(_key(row["id"]), len(order) + 1)
-
-        ranked = sorted(rows, key=rank)
-        if ranked != rows:
-            self._replace(ranked)
-
-    def close(self) -> None:
-        os.close(self._fd)
+    workers = [threading.Thread(target=work, name=f"rinna-batch-{n}", daemon=True) for n in range(parallel)]
+    for worker in workers:
+        worker.start()
+    return workers, finished
 
 
-class OutStream:
-    """Standard output: rows in input order, each as soon as every earlier one is written."""
+class _Rows:
+    """The rows of one run on their way out: to a file as they come, to a stream in input order; the counts."""
 
-    def __init__(self, stream: IO[str]):
-        self.stream = stream
-        self.done: set[str] = set()
+    def __init__(self, out: OutFile | OutStream, todo: list[Item], on_progress: Callable[[Progress], None]):
+        self.out, self.todo, self.on_progress = out, todo, on_progress
+        self.in_order = isinstance(out, OutStream)
+        self.held: dict[int, dict | None] = {
+            i: error_row(item, item.error) for i, item in enumerate(todo) if item.error
+        }
+        self.next_index = self.written = self.failed = self.tokens = 0
+        self.started = time.perf_counter()
+        if not self.in_order:
+            for index in sorted(self.held):
+                self._emit(self.held.pop(index))
+        self.report()
 
-    def write(self, row: dict) -> None:
-        self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.stream.flush()
+    def add(self, index: int, row: dict | None, tokens: int) -> None:
+        self.tokens += tokens
+        if self.in_order:
+            self.held[index] = row
+            self.flush()
+        elif row is not None:
+            self._emit(row)
+        self.report()
 
-    def finish(self, order: list[Item]) -> None:
-        pass
+    def flush(self, final: bool = False) -> None:
+        """Write the held rows that every earlier row is out before; all of them when ``final``."""
+        while self.next_index < len(self.todo) and (self.next_index in self.held or final):
+            row = self.held.pop(self.next_index, None)
+            if row is not None:
+                self._emit(row)
+            self.next_index += 1
 
-    def close(self) -> None:
-        pass
+    def report(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.on_progress(Progress(self.written, len(self.todo), self.failed, self.tokens, elapsed))
+
+    def _emit(self, row: dict | None) -> None:
+        assert row is not None
+        self.out.write(row)
+        self.written += 1
+        self.failed += "error" in row
 
 
 def run(
@@ -308,85 +260,24 @@ def run(
     """
     stop = stop or threading.Event()
     todo = [item for item in items if item.error or _key(item.id) not in out.done]
-    skipped = len(items) - len(todo)
-    started = time.perf_counter()
-    pending = queue.SimpleQueue()
-    for index, item in enumerate(todo):
-        if item.error is None:
-            pending.put(index)
-    finished: queue.SimpleQueue = queue.SimpleQueue()
-
-    def work() -> None:
-        while not stop.is_set():
-            try:
-                index = pending.get_nowait()
-            except queue.Empty:
-                return
-            item = todo[index]
-            try:
-                reply = engine.generate(item.prompt_ids, item.sampling, stop=stop)
-            except RinnaError as err:
-                finished.put((index, error_row(item, str(err)), 0))
-                continue
-            except Exception as err:  # noqa: BLE001 - one line's failure never ends the job
-                finished.put((index, error_row(item, f"{type(err).__name__}: {err}"), 0))
-                continue
-            if reply.finish_reason == "interrupted":
-                finished.put((index, None, 0))  # in flight at Ctrl-C: not a finished reply
-            else:
-                finished.put((index, reply_row(item, reply), reply.completion_tokens))
-
-    workers = [threading.Thread(target=work, name=f"rinna-batch-{n}", daemon=True) for n in range(parallel)]
-    for worker in workers:
-        worker.start()
-    rows: dict[int, dict | None] = {index: error_row(item, item.error) for index, item in enumerate(todo) if item.error}
-    in_order = isinstance(out, OutStream)
-    next_index, written, failed, tokens, received = 0, 0, 0, 0, len(rows)
-
-    def emit(row: dict) -> None:
-        nonlocal written, failed
-        out.write(row)
-        written += 1
-        failed += "error" in row
-
-    def flush(final: bool = False) -> None:
-        nonlocal next_index
-        while next_index < len(todo) and (next_index in rows or final):
-            row = rows.pop(next_index, None)
-            if row is not None:
-                emit(row)
-            next_index += 1
-
-    def report() -> None:
-        on_progress(Progress(written, len(todo), failed, tokens, time.perf_counter() - started))
-
+    workers, finished = _work(todo, engine, parallel, stop) if engine is not None else ([], queue.SimpleQueue())
     try:
-        if not in_order:
-            for index in sorted(rows):
-                emit(rows.pop(index))
-        report()
+        rows = _Rows(out, todo, on_progress)
         while any(worker.is_alive() for worker in workers) or not finished.empty():
             try:
-                index, row, count = finished.get(timeout=0.1)
+                rows.add(*finished.get(timeout=0.1))
             except queue.Empty:
                 continue
-            received += 1
-            tokens += count
-            if in_order:
-                rows[index] = row
-                flush()
-            elif row is not None:
-                emit(row)
-            report()
-        flush(final=True)
-        report()
-        interrupted = stop.is_set() and written < len(todo)
+        rows.flush(final=True)
+        rows.report()
+        interrupted = stop.is_set() and rows.written < len(todo)
         if not interrupted:
             out.finish(items)
     finally:
         stop.set()  # a KeyboardInterrupt (second Ctrl-C) stops the workers after their token
         out.close()
-    return Result(written, skipped, failed, interrupted, tokens, time.perf_counter() - started)
+    seconds = time.perf_counter() - rows.started
+    return Result(rows.written, len(items) - len(todo), rows.failed, interrupted, rows.tokens, seconds)
 
 
 def batched(engine: Engine, parallel: int) -> Engine:
@@ -467,12 +358,17 @@ def batch(env: Environment, settings: config.Settings, source: str | None, outpu
     from rinna_cli.interrupt import sigint_sets
 
     stop = threading.Event()
-    if env.stderr_isatty:
-        with _Bar(env, skipped) as bar, sigint_sets(stop):
-            result = run(items, engine, out, parallel, bar, stop)
-    else:
-        with sigint_sets(stop):
-            result = run(items, engine, out, parallel, stop=stop)
+    try:
+        if env.stderr_isatty:
+            with _Bar(env, skipped) as bar, sigint_sets(stop):
+                result = run(items, engine, out, parallel, bar, stop)
+        else:
+            with sigint_sets(stop):
+                result = run(items, engine, out, parallel, stop=stop)
+    finally:
+        close = getattr(engine, "close", None)
+        if close is not None:  # the batching engine's scheduler thread ends before the interpreter does
+            close()
     if result.failed:
         env.warn(f"{result.failed} of {len(items)} lines failed (their rows hold the error)")
     return result.exit_code

@@ -2,80 +2,52 @@
 
 On a CPU, decoding one token is bound by reading the weights; a matrix multiply with
 8 rows reads them once, as one with 1 row does. :class:`BatchingEngine` runs one
-scheduler thread whose every step puts either one row per decoding sequence or the
-prompts waiting to be prefilled through every linear layer together, then does
-attention per sequence against that sequence's own KV cache. Sequences join and
-leave between steps (no padding to the longest). While some sequences decode,
-prompt steps alternate with decode steps and take at most a chunk of prompt tokens
-(adapted so that such a step lasts about :data:`TARGET_STEP_S`): a long prompt
-stalls the others a chunk at a time, a new prompt waits one step for its turn.
-Each sequence's cache holds at most its prompt and ``max_new_tokens`` (the window).
+scheduler thread; every step puts one row per decoding sequence *and* the prompt rows
+of sequences still being prefilled through every linear layer together
+(:class:`rinna_cli.batched_forward.BatchedForward`), so a new prompt is read in the
+very next step, riding along with the others' tokens. Sequences join and leave between
+steps (no padding to the longest). While others decode, a step takes at most a chunk of
+prompt tokens (:data:`MIN_CHUNK` and up, adapted so that the step lasts about
+:data:`TARGET_STEP_S`): a prompt that fits a chunk is read whole, as alone; a longer one
+is read a chunk a step, so it stalls the others about a second at a time. Each
+sequence's cache holds at most its prompt and ``max_new_tokens`` (the window).
 
-GPT-NeoX's layers are run here from the loaded model's own modules (layer norms,
-linear layers whatever their kind, e.g. :class:`rinna_cli.int8.Int8Linear`, the
-rotary embedding), in transformers' order, and tokens are chosen with
-transformers' logits processors: a greedy reply is the one
-:class:`rinna_cli.engine.Engine` gives. Each sequence samples with its own
-``torch.Generator`` seeded with its seed, the way the single engine seeds torch's
-global one, so a seeded reply is the single engine's too, whatever else is in the
-batch, with row-exact linear kernels (int8 ``_int_mm`` is). One exception: a prompt
-prefilled in chunks (longer than the chunk, while others decode) has its attention
-computed with a mask instead of the causal kernel, which can change float rounding;
-``prefill_chunk=window`` never chunks (what ``rinna batch`` uses).
+A greedy reply is the one :class:`rinna_cli.engine.Engine` gives, and a seeded one too
+(each sequence has its own generator), whatever else is in the batch, with row-exact
+linear kernels (int8 ``_int_mm`` is). One exception: a prompt read in chunks (longer
+than the chunk, while others decode) has its later chunks' attention masked instead of
+computed by the causal kernel, which can change float rounding; ``prefill_chunk=window``
+never chunks (what ``rinna batch`` uses).
 
 Imported only where a local model is loaded (torch).
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
-from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
+from rinna_cli.batched_forward import BatchedForward, Sequence
 from rinna_cli.contract import Reply, Sampling, Step, Timing, check_fits
 from rinna_cli.errors import ModelError, UsageError
 from rinna_cli.streamer import ReplyDecoder
 from rinna_cli.tokenizer import Tokenizer
 
-# Prompt tokens per prompt step while others decode: the chunk adapts (halving or doubling) so
-# that such a step takes about TARGET_STEP_S, bounding how long a long prompt stalls the others.
-# A prompt that fits in a chunk is never split (it is prefilled whole, as the single engine does).
+# Prompt tokens per step while others decode: the chunk adapts (halving or doubling) so that such a
+# step takes about TARGET_STEP_S. A prompt that fits in a chunk is never split; MIN_CHUNK keeps the
+# chat-sized prompts whole even on a slow machine (a split prompt waits a step per chunk).
 TARGET_STEP_S = 1.0
-MIN_CHUNK, MAX_CHUNK, FIRST_CHUNK = 16, 1024, 128
+MIN_CHUNK, MAX_CHUNK, FIRST_CHUNK = 256, 2048, 512
 RATE_WINDOW_S = 10.0  # /health's tokens/s is over the last this many seconds
 
 
 def _ignore(step: Step) -> None:
     """The default ``on_step``."""
-
-
-def _processors(sampling: Sampling) -> LogitsProcessorList:
-    """transformers' processors, in its order, for what ``GenerationConfig`` would get from ``sampling``."""
-    processors = LogitsProcessorList()
-    if sampling.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty))
-    if not sampling.greedy:
-        if sampling.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(sampling.temperature))
-        if sampling.top_k != 0:
-            processors.append(TopKLogitsWarper(top_k=sampling.top_k))
-        if sampling.top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p=sampling.top_p))
-    return processors
 
 
 @dataclass(frozen=True)
@@ -87,33 +59,26 @@ class BatchStatus:
     prefilling: int  # of those, still reading their prompt
     waiting: int  # generate calls waiting for a place in the batch
     tokens_per_s: float  # tokens generated per second, all sequences together, over the last seconds
-    prefill_chunk: int  # prompt tokens prefilled per step now
+    prefill_chunk: int  # prompt tokens prefilled per step now, at most, while others decode
 
 
-@dataclass(eq=False)
-class _Sequence:
-    """One ``generate`` call inside the scheduler."""
+def plan(running: list[Sequence], chunk: int, window: int) -> tuple[list[tuple[Sequence, list[int]]], int]:
+    """A step's rows: every decoding sequence's last id, and up to ``chunk`` prompt ids (the window if
+    none decodes). A prompt that fits the chunk goes whole or waits a step; a longer one takes what is left.
 
-    prompt: list[int]
-    sampling: Sampling
-    stop: threading.Event
-    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
-    generated: list[int] = field(default_factory=list)
-    fed: int = 0  # ids whose keys and values are in the cache
-    keys: torch.Tensor | None = None  # (layers, heads, capacity, head size)
-    values: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    processors: LogitsProcessorList | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.fed < len(self.prompt)
-
-    def next_ids(self, budget: int) -> list[int]:
-        """The ids to feed this step: the next chunk of the prompt, or the last generated id."""
-        if self.prefilling:
-            return self.prompt[self.fed : self.fed + budget]
-        return self.generated[-1:]
+    Returns the rows, decode rows first, and the number of prompt ids among them.
+    """
+    rows = [(sequence, sequence.next_ids(1)) for sequence in running if not sequence.prefilling]
+    budget, prefilled = chunk if rows else window, 0
+    for sequence in running:
+        if (
+            sequence.prefilling
+            and budget - prefilled > 0
+            and (sequence.remaining <= budget - prefilled or sequence.remaining > chunk)
+        ):
+            rows.append((sequence, sequence.next_ids(budget - prefilled)))
+            prefilled += len(rows[-1][1])
+    return rows, prefilled
 
 
 class BatchingEngine:
@@ -121,7 +86,7 @@ class BatchingEngine:
 
     Implements :class:`rinna_cli.contract.Engine`; calls beyond ``parallel`` wait for
     a place in the batch. ``prefill_chunk`` fixes the prompt tokens prefilled per step
-    (default: adapted to the machine, see :data:`TARGET_STEP_S`).
+    while others decode (default: adapted to the machine, see :data:`TARGET_STEP_S`).
     """
 
     def __init__(
@@ -142,22 +107,12 @@ class BatchingEngine:
         self.window = window
         self.parallel = parallel
         self.kernels = ", ".join(part for part in (kernels, f"batch of up to {parallel}") if part)
-        self._base = model.base_model
-        self._head = model.get_output_embeddings()
-        self._layers = list(self._base.layers)
-        attention = self._layers[0].attention
-        self._heads = model.config.num_attention_heads
-        self._head_size = attention.head_size
-        self._scaling = attention.scaling
-        self._parallel_residual = model.config.use_parallel_residual
-        embedding = self._base.embed_in.weight
-        self._device, self._dtype = embedding.device, embedding.dtype
+        self._pass = BatchedForward(model)
         self._adaptive = prefill_chunk is None
         self._chunk = prefill_chunk or FIRST_CHUNK
-        self._prefilled_last = False
         self._lock = threading.Condition()
-        self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
         self._produced: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -190,7 +145,7 @@ class BatchingEngine:
             raise UsageError("empty prompt")
         check_fits(len(prompt_ids), sampling.max_new_tokens, self.window)
         timing = Timing()
-        sequence = _Sequence(list(prompt_ids), sampling, stop or threading.Event())
+        sequence = Sequence(list(prompt_ids), sampling, stop or threading.Event())
         self._submit(sequence)
         decoder = ReplyDecoder(self.tokenizer)
         try:
@@ -247,7 +202,7 @@ class BatchingEngine:
         if self._thread is not None:
             self._thread.join()
 
-    def _submit(self, sequence: _Sequence) -> None:
+    def _submit(self, sequence: Sequence) -> None:
         with self._lock:
             if self._closed:
                 raise ModelError("the engine is closed")
@@ -278,39 +233,22 @@ class BatchingEngine:
             except BaseException as err:  # noqa: BLE001 - every caller gets the error; the scheduler goes on
                 self._fail(running, err)
 
-    def _step(self, running: list[_Sequence]) -> None:
+    def _step(self, running: list[Sequence]) -> None:
+        """One pass: the decoding sequences' next tokens and the next prompt rows, together."""
         for sequence in running:
             if sequence.prefilling and sequence.stop.is_set():
                 self._finish(sequence, "interrupted")
             elif sequence.keys is None:
-                self._start(sequence)
+                self._pass.start(sequence)
         live = [sequence for sequence in running if sequence in self._running]
-        decoding = [sequence for sequence in live if not sequence.prefilling]
-        waiting = [sequence for sequence in live if sequence.prefilling]
-        # A step is all decode rows or all prompt rows, so every row is multiplied as it would be alone
-        # (a linear layer's kernel may depend on its row count). Prompt steps alternate with decode
-        # steps while some sequences decode: they wait one chunk at most, a new prompt one step.
-        prefill = bool(waiting) and (not decoding or not self._prefilled_last)
-        self._prefilled_last = prefill
-        chunk = self._chunk if decoding else self.window  # with nobody to stall, prompts go whole
-        batch, budget = [], chunk
-        for sequence in waiting if prefill else decoding:
-            if prefill:
-                remaining = len(sequence.prompt) - sequence.fed
-                if budget <= 0 or budget < remaining <= chunk:
-                    continue  # a prompt that fits a chunk is prefilled whole, as alone: in a later step
-                ids = sequence.next_ids(budget)
-                budget -= len(ids)
-            else:
-                ids = sequence.next_ids(budget)
-            batch.append((sequence, ids))
-        if not batch:
+        decoding = any(not sequence.prefilling for sequence in live)
+        rows, prefilled = plan(live, self._chunk, self.window)
+        if not rows:
             return
         started = time.perf_counter()
-        with torch.inference_mode():
-            logits = self._forward(batch)
+        logits = self._pass.forward(rows)
         produced = 0
-        for (sequence, ids), row in zip(batch, logits):
+        for (sequence, ids), row in zip(rows, logits):
             sequence.fed += len(ids)
             if row is not None:
                 self._choose(sequence, row)
@@ -318,125 +256,52 @@ class BatchingEngine:
         ended = time.perf_counter()
         with self._lock:
             self._produced.append((ended, produced))
-        if self._adaptive and prefill and decoding:
-            self._adapt(ended - started, chunk - budget)
+        if self._adaptive and prefilled and decoding:
+            self._adapt(ended - started, prefilled)
 
     def _adapt(self, seconds: float, prefilled: int) -> None:
-        """After a prompt step that decoding sequences waited for: halve the chunk if it was slower than
-        the target, double it if it was much faster and used the whole chunk."""
+        """After a step with prompt rows that decoding sequences waited for: halve the chunk if it was slower
+        than the target, double it if it was much faster and used the whole chunk."""
         if seconds > TARGET_STEP_S and self._chunk > MIN_CHUNK:
             self._chunk //= 2
         elif seconds < TARGET_STEP_S / 3 and prefilled == self._chunk and self._chunk < MAX_CHUNK:
             self._chunk *= 2
 
-    def _start(self, sequence: _Sequence) -> None:
-        """A sequence enters the batch: its cache (room for its prompt and reply), generator and processors."""
-        capacity = len(sequence.prompt) + sequence.sampling.max_new_tokens
-        shape = (len(self._layers), self._heads, capacity, self._head_size)
-        # torch.empty maps memory lazily: the cache costs what is written, not its capacity
-        sequence.keys = torch.empty(shape, dtype=self._dtype, device=self._device)
-        sequence.values = torch.empty(shape, dtype=self._dtype, device=self._device)
-        sequence.generator = torch.Generator(device=self._device)
-        if sequence.sampling.seed >= 0:
-            sequence.generator.manual_seed(sequence.sampling.seed)
-        else:
-            sequence.generator.seed()
-        sequence.processors = _processors(sequence.sampling)
-
-    def _forward(self, batch: list[tuple[_Sequence, list[int]]]) -> list[torch.Tensor | None]:
-        """One pass of all the batch's rows; the next-token logits of each sequence whose step ends its input."""
-        ids = [i for _, chunk in batch for i in chunk]
-        positions = [p for sequence, chunk in batch for p in range(sequence.fed, sequence.fed + len(chunk))]
-        hidden = self._base.embed_in(torch.tensor(ids, device=self._device))
-        cos, sin = self._base.rotary_emb(hidden[None], torch.tensor([positions], device=self._device))
-        rows = len(ids)
-        for index, layer in enumerate(self._layers):
-            attention = layer.attention
-            qkv = attention.query_key_value(layer.input_layernorm(hidden))
-            qkv = qkv.view(1, rows, self._heads, 3 * self._head_size).transpose(1, 2)
-            query, key, value = qkv.chunk(3, dim=-1)
-            query, key = apply_rotary_pos_emb(query, key, cos, sin)
-            outputs, row = [], 0
-            for sequence, chunk in batch:
-                outputs.append(self._attend(sequence, index, query, key, value, row, len(chunk)))
-                row += len(chunk)
-            context = torch.cat(outputs, dim=2).transpose(1, 2).reshape(rows, -1)
-            attended = attention.dense(context)
-            if self._parallel_residual:
-                hidden = layer.mlp(layer.post_attention_layernorm(hidden)) + attended + hidden
-            else:
-                attended = attended + hidden
-                hidden = layer.mlp(layer.post_attention_layernorm(attended)) + attended
-        last, wanted, row = [], [], 0
-        for sequence, chunk in batch:
-            row += len(chunk)
-            ends_input = sequence.fed + len(chunk) >= len(sequence.prompt)
-            wanted.append(ends_input)
-            if ends_input:
-                last.append(row - 1)
-        if not last:
-            return [None] * len(batch)
-        logits = iter(self._head(self._base.final_layer_norm(hidden[last])).float())
-        return [next(logits)[None] if want else None for want in wanted]
-
-    def _attend(self, sequence: _Sequence, layer: int, query, key, value, row: int, count: int) -> torch.Tensor:
-        """Attention of ``count`` rows of one sequence against its cache, after storing their keys and values."""
-        start, end = sequence.fed, sequence.fed + count
-        keys, values = sequence.keys[layer], sequence.values[layer]
-        keys[:, start:end] = key[0, :, row : row + count]
-        values[:, start:end] = value[0, :, row : row + count]
-        mask = None
-        if count > 1 and start > 0:  # a later chunk: causal, offset by what is cached
-            mask = torch.ones(count, end, dtype=torch.bool, device=self._device).tril(start)
-        return F.scaled_dot_product_attention(
-            query[:, :, row : row + count],
-            keys[None, :, :end],
-            values[None, :, :end],
-            attn_mask=mask,
-            is_causal=count > 1 and start == 0,
-            scale=self._scaling,
-        )
-
-    def _choose(self, sequence: _Sequence, logits: torch.Tensor) -> None:
-        """Pick the next id as transformers' generate does, hand it to the caller, and end the sequence if done."""
-        sampling = sequence.sampling
-        if sequence.processors:
-            seen = torch.tensor([sequence.prompt + sequence.generated], device=self._device)
-            logits = sequence.processors(seen, logits)
-        if sampling.greedy:
-            token = int(torch.argmax(logits, dim=-1))
-        else:
-            token = int(torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=sequence.generator))
+    def _choose(self, sequence: Sequence, logits: torch.Tensor) -> None:
+        """Pick the next id, hand it to the caller, and end the sequence if done."""
+        token = sequence.pick(logits)
         sequence.generated.append(token)
         sequence.events.put(("ids", [token]))
         if token == self.tokenizer.special.eos:
             self._finish(sequence, "stop")
         elif sequence.stop.is_set():
             self._finish(sequence, "interrupted")
-        elif len(sequence.generated) >= sampling.max_new_tokens:
+        elif len(sequence.generated) >= sequence.sampling.max_new_tokens:
             self._finish(sequence, "length")
 
-    def _finish(self, sequence: _Sequence, reason: str) -> None:
+    def _finish(self, sequence: Sequence, reason: str) -> None:
         with self._lock:
             if sequence in self._running:
                 self._running.remove(sequence)
-        sequence.keys = sequence.values = None  # the cache goes now, not when the caller lets go
+        sequence.release()
         sequence.events.put(("end", reason))
 
-    def _fail(self, running: list[_Sequence], err: BaseException) -> None:
+    def _fail(self, running: list[Sequence], err: BaseException) -> None:
         """A step failed: every sequence in it gets the error (out of memory as one line), the others go on."""
-        message = str(err).lower()
-        if (
-            isinstance(err, (torch.OutOfMemoryError, MemoryError))
-            or "out of memory" in message
-            or "allocate" in message
-        ):
-            err = ModelError(
-                "out of memory while generating; lower --parallel or --max-new-tokens, or shorten the prompts"
-            )
+        err = _one_line(err)
         with self._lock:
             for sequence in running:
                 if sequence in self._running:
                     self._running.remove(sequence)
-                sequence.keys = sequence.values = None
+                sequence.release()
                 sequence.events.put(("error", err))
+
+
+def _one_line(err: BaseException) -> BaseException:
+    """Running out of memory as a one-line error with what to lower; any other error as it is."""
+    message = str(err).lower()
+    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message or "allocate" in message:
+        return ModelError(
+            "out of memory while generating; lower --parallel or --max-new-tokens, or shorten the prompts"
+        )
+    return err

@@ -17,7 +17,8 @@ from rinna_cli.contract import check_fits, placement
 from rinna_cli.environment import Environment, model_files
 from rinna_cli.errors import UsageError
 from rinna_cli.render import ReplyView, escape_controls
-from rinna_cli.repl import Chat, run_piped, run_terminal
+from rinna_cli.repl import Chat, run_piped
+from rinna_cli.terminal import run_terminal, show_last_exchange
 
 
 def _writable(path: Path) -> bool:
@@ -151,7 +152,7 @@ def chat(
         if given is not None:
             session.adopt(loaded.settings, keep=given)
         if env.stdin_isatty and view.console is not None:  # never into a redirected stdout
-            session.show_last_exchange()
+            show_last_exchange(session)
     with _sigterm_exits():
         if not env.stdin_isatty:
             return run_piped(session, env.stdin.buffer if env.stdin is not None else [])

@@ -47,7 +47,10 @@ LOAD_OPTIONS: dict[str, Any] = {
         str, typer.Option(help="auto | float32 | bfloat16 | float16; auto = float16 on a GPU, bfloat16 on the CPU.")
     ],
     "quantize": Annotated[
-        str, typer.Option(help="auto | int8 | none; auto = int8 weights on the CPU (cached after the first start).")
+        str,
+        typer.Option(
+            help="auto | int8 | int4 | none; auto = int8 weights on the CPU (cached, kernels measured, on the first start)."
+        ),
     ],
 }
 SAMPLING_OPTIONS: dict[str, Any] = {
@@ -100,7 +103,7 @@ def settings_from(*groups: dict[str, Any]) -> Callable:
         own = [
             p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
             for p in inspect.signature(command).parameters.values()
-            if p.name not in ("env", "settings")
+            if p.name not in ("env", "settings", "given")
         ]
         shared = [
             inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=SHIPPED.get(name), annotation=annotation)
@@ -108,12 +111,15 @@ def settings_from(*groups: dict[str, Any]) -> Callable:
             for name, annotation in group.items()
         ]
         context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+        wants_given = "given" in inspect.signature(command).parameters
 
         @functools.wraps(command)
         def wrapper(ctx: typer.Context, **values: Any) -> Any:
             _check_arguments(ctx, ctx.obj.environ)
             given = {name: values.pop(name) for name in names}
             flags = {name: value for name, value in given.items() if _on_command_line(ctx, name)}
+            if wants_given:  # the command restores stored settings except those given as flags
+                values["given"] = frozenset(flags)
             return command(ctx.obj, config.load(flags, ctx.obj.environ, ctx.obj.warn), **values)
 
         own_hints = {p.name: hints[p.name] for p in own if p.name in hints}
@@ -206,13 +212,32 @@ def ask(
 def chat(
     env: Environment,
     settings: config.Settings,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the last chat session.")] = False,
+    session: Annotated[
+        Optional[str],
+        typer.Argument(
+            metavar="[N|ID]",
+            show_default=False,
+            help="With --resume: the N-th of `rinna sessions`, or a session id (or its start).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue a saved session: the last chat on a terminal, or [N|ID].")
+    ] = False,
     load: Annotated[Optional[Path], typer.Option("--load", help="Continue a transcript saved with /save.")] = None,
+    given: frozenset = frozenset(),
 ) -> int:
     """Chat in a multi-turn conversation. Piped standard input: one user turn per line."""
-    from rinna_cli.chat import chat
+    from rinna_cli.chat import chat, resume_target
 
-    return chat(env, settings, resume, load)
+    return chat(env, settings, resume_target(resume, session), load, given)
+
+
+@app.command()
+def sessions(ctx: typer.Context, limit: Annotated[int, typer.Option(help="How many to list.")] = 20) -> int:
+    """List the saved chat sessions, newest first, numbered as `rinna chat --resume N` takes them."""
+    from rinna_cli.chat import list_sessions
+
+    return list_sessions(ctx.obj, limit)
 
 
 @app.command(epilog=DEFAULTS_EPILOG)
@@ -227,7 +252,10 @@ def batch(
         Optional[Path],
         typer.Option("--output", "-o", help="Write the rows to this file; a rerun skips the ids it already holds."),
     ] = None,
-    parallel: Annotated[int, typer.Option(help="Prompts generated at once.")] = 4,
+    parallel: Annotated[
+        int,
+        typer.Option(help="Prompts generated at once (batched on local weights; concurrent requests with --endpoint)."),
+    ] = 8,
 ) -> int:
     """Run a file of prompts through the model: one JSON row out per line in."""
     from rinna_cli.batch import batch
@@ -236,7 +264,7 @@ def batch(
 
 
 @app.command(epilog=DEFAULTS_EPILOG)
-@settings_from(MODEL_OPTIONS, LOAD_OPTIONS)
+@settings_from(MODEL_OPTIONS, LOAD_OPTIONS, SAMPLING_OPTIONS)
 def serve(
     env: Environment,
     settings: config.Settings,
@@ -249,13 +277,39 @@ def serve(
         typer.Option(help="Require the key held in this environment variable (clients send it as a Bearer token)."),
     ] = None,
     queue_size: Annotated[
-        int, typer.Option(help="Requests that may wait while one reply is generated; more get HTTP 429.")
+        int, typer.Option(help="Requests that may wait while --parallel replies are generated; more get HTTP 429.")
     ] = 4,
+    parallel: Annotated[int, typer.Option(help="Replies generated at once (batched); 1 = one at a time.")] = 1,
+    served_model_name: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The model's name in /v1/models and answers; requests may name any model. [default: the --model given]"
+        ),
+    ] = None,
+    system_messages: Annotated[
+        Optional[str],
+        typer.Option(
+            help="reject | merge: a system message gets HTTP 400, or its text (then a blank line) starts the next "
+            "user message. [default: the config's system_messages, reject]"
+        ),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access-log line per request on stderr.")] = False,
 ) -> int:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     from rinna_cli.serve.command import serve
 
-    return serve(env, settings, host, port, api_key_env, queue_size)
+    return serve(
+        env,
+        settings,
+        host=host,
+        port=port,
+        api_key_env=api_key_env,
+        queue_size=queue_size,
+        served_model_name=served_model_name,
+        quiet=quiet,
+        system_messages=system_messages,
+        parallel=parallel,
+    )
 
 
 def _quiet_broken_pipe() -> None:

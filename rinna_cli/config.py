@@ -29,7 +29,7 @@ HOME_ENV = "RINNA_CLI_HOME"
 CHOICES = {
     "device": ("auto", "cpu", "cuda", "mps"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
-    "quantize": ("auto", "int8", "none"),
+    "quantize": ("auto", "int8", "int4", "none"),
     # rinna serve: what a chat request's system message does (rinna's format has no system turn)
     "system_messages": ("reject", "merge"),
 }

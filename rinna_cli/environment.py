@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Mapping, Protocol, TextIO
 
 from rinna_cli import hub
-from rinna_cli.errors import ModelError
 from rinna_cli.inputs import escaped
 from rinna_cli.render import err_console, escape_controls, is_tty, warn as print_warning
 from rinna_cli.tokenizer import Tokenizer
@@ -33,10 +32,13 @@ class EngineFactory(Protocol):
 
 
 def load_engine(env: Environment, settings: Settings, tokenizer: Tokenizer) -> Engine:
-    """Fetch the weights if needed and load them, with a spinner on a terminal's stderr."""
+    """Fetch the weights if needed (huggingface_hub's progress bars on stderr), then load them under a spinner.
+
+    The download comes first: Rich's status redirects stderr and would hide the download's bars.
+    """
+    folder = hub.locate(settings.model, weights=True)
     status = env.errors().status(f"Loading {settings.model} …") if env.stderr_isatty else None
     with status or nullcontext():
-        folder = locate(settings.model, weights=True)
         from rinna_cli.engine import Engine as LocalEngine
 
         return LocalEngine.load(
@@ -59,20 +61,9 @@ def open_engine(env: Environment, settings: Settings, tokenizer: Tokenizer, wind
     return connect(settings, tokenizer, window, environ=env.environ, warn=env.warn)
 
 
-def locate(model: str, weights: bool = False) -> Path:
-    """:func:`hub.locate`, with a file given as the model said to be one (not "no such model folder")."""
-    path = Path(hub.expand(model)).expanduser()
-    if path.is_file():
-        raise ModelError(
-            f"{path}: a file, not a model folder (--model takes a folder holding config.json, spiece.model "
-            "and the weights, a hub id or an alias)"
-        )
-    return hub.locate(model, weights)
-
-
 def tokenizer_of(settings: Settings) -> tuple[Path, Tokenizer]:
     """The model's folder (its tokenizer files at least) and its tokenizer."""
-    folder = locate(settings.model)
+    folder = hub.locate(settings.model)
     return folder, Tokenizer.from_folder(folder)
 
 

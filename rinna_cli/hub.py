@@ -59,6 +59,11 @@ def locate(name: str, weights: bool = False) -> Path:
     name = expand(name)
     if _is_path(name):
         folder = Path(name).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise ModelError(
+                f"{folder}: a file, not a model folder (--model takes a folder holding config.json, spiece.model "
+                "and the weights, a hub id or an alias)"
+            )
         if not folder.is_dir():
             raise ModelError(f"{folder}: no such model folder")
         return folder
@@ -172,7 +177,7 @@ def _not_cached(repo_id: str, what: str = "it is") -> str:
     demo = DEMO_MODEL if DEMO_MODEL.is_dir() else "tests/fixtures/memorized (in rinna-cli's source)"
     return (
         f"{repo_id}: {what} not in the local Hugging Face cache and {why}; without a download, generate on a "
-        f"server with --endpoint URL, or try the demo model: --model {demo}"
+        f"server with --endpoint URL (and --model a local folder holding its tokenizer), or try the demo model: --model {demo}"
     )
 
 

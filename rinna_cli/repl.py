@@ -8,24 +8,19 @@ around it (session files, resume) is :mod:`rinna_cli.chat`.
 
 from __future__ import annotations
 
-import datetime
-import os
-import re
-import select
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator, TextIO
+from typing import Callable, Collection, Iterable
 
 from rich.cells import cell_len
 
 from rinna_cli import commands, config, hub, store
 from rinna_cli.config import SAMPLING_KEYS, Settings
 from rinna_cli.contract import Engine, Reply, Step, check_fits, placement, stats_line
-from rinna_cli.environment import Environment
 from rinna_cli.errors import RinnaError, UsageError
+from rinna_cli.inputs import decode
 from rinna_cli.interrupt import sigint_sets
 from rinna_cli.prompt import SYSTEM, USER
 from rinna_cli.render import ReplyView, escape_controls
@@ -165,15 +160,6 @@ class Chat:
         self.view.end("interrupted" if interrupted else None, gap=True)
         self.last = reply
 
-    def show_last_exchange(self) -> None:
-        """The last message and its reply, as they were shown (a resumed chat on a terminal)."""
-        turns = self.conversation.turns
-        users = [i for i, turn in enumerate(turns) if turn.speaker == USER]
-        for turn in turns[users[-1] :] if users else turns[-1:]:
-            self.view.label(turn.speaker, style="bold green" if turn.speaker == USER else "bold cyan")
-            self.view.write(turn.text)
-            self.view.end("interrupted" if turn.interrupted else None, gap=turn.speaker == SYSTEM)
-
     # -- slash commands -------------------------------------------------------------------------
 
     def _help(self) -> None:
@@ -203,26 +189,15 @@ class Chat:
         self.reply(new_message=False)
 
     def _history(self) -> None:
-        turns = self.conversation.turns
-        if not turns:
+        if not self.conversation.turns:
             self.notice("the conversation is empty")
-        for index, turn in enumerate(turns):
-            mark = " [interrupted]" if turn.interrupted else ""
-            left_out = " (left out of the prompt)" if index < self.start else ""
-            label = f"{turn.speaker}: "
-            text = escape_controls(turn.text).replace("\n", "\n" + " " * cell_len(label))
-            self.notice(f"{label}{text}{mark}{left_out}")
+        for line in _history_lines(self.conversation.turns, self.start):
+            self.notice(line)
 
     def _save(self, path: str = "", force: bool = False) -> None:
         """Save to PATH, never over an existing file unless forced (``/save!``); no PATH: a new file in the app dir."""
-        turns, settings = self.conversation.turns, asdict(self.settings.sampling())
-        if path:
-            try:
-                saved = store.save_transcript(Path(path), turns, self.engine.name, settings, replace=force)
-            except FileExistsError:
-                raise UsageError(f"{Path(path).expanduser()} already exists; /save! {path} replaces it") from None
-        else:
-            saved = _save_new(turns, self.engine.name, settings)
+        turns = self.conversation.turns
+        saved = _save_to(path, force, turns, self.engine.name, asdict(self.settings.sampling()))
         self.notice(f"saved {len(turns)} turns to {saved}")
 
     def _load(self, path: str) -> None:
@@ -236,19 +211,7 @@ class Chat:
 
         A stored value that is not valid here (edited by hand, another window) is skipped with a notice.
         """
-        settings, changed = self.settings, []
-        for key in SAMPLING_KEYS:
-            if key in keep or key not in stored or stored[key] == getattr(settings, key):
-                continue
-            try:
-                candidate = settings.with_value(key, stored[key], "stored settings")
-                check_fits(0, candidate.max_new_tokens, self.engine.window)
-            except UsageError as err:
-                self.notice(f"{err}; kept {key} = {getattr(settings, key)}")
-                continue
-            settings = candidate
-            changed.append(f"{key}={getattr(settings, key)}")
-        self.settings = settings
+        self.settings, changed = _restored(self.settings, stored, keep, self.engine.window, self.notice)
         if changed:
             self.notice(f"settings restored: {', '.join(changed)}")
 
@@ -266,13 +229,7 @@ class Chat:
 
     def _set(self, key: str, value: str) -> None:
         try:
-            if key not in SAMPLING_KEYS:
-                raise UsageError(f"/set: unknown setting {key!r}; known: {', '.join(SAMPLING_KEYS)}")
-            settings = self.settings.with_value(key, value, "/set")
-            try:
-                check_fits(0, settings.max_new_tokens, self.engine.window)
-            except UsageError as err:
-                raise UsageError(f"/set: {err}") from None
+            settings = _with_setting(self.settings, key, value, self.engine.window)
         except UsageError as err:
             self.error(str(err), err.exit_code)
             return
@@ -280,12 +237,7 @@ class Chat:
         self.notice(f"{key} = {getattr(settings, key)}")
 
     def _show(self) -> None:
-        used = len(self.conversation.prompt_ids(self.start))
-        options = ", ".join(f"{k}={v}" for k, v in asdict(self.settings.sampling()).items())
-        self.notice(f"model: {self.engine.name}\ndevice: {placement(self.engine)}\nsettings: {options}")
-        self.notice(
-            f"context used: {used} / {self.engine.window} tokens (+ up to {self.settings.max_new_tokens} for the reply)"
-        )
+        self.notice(_show_text(self.engine, self.settings, len(self.conversation.prompt_ids(self.start))))
 
     def _stats(self) -> None:
         reply = self.last
@@ -293,6 +245,68 @@ class Chat:
             self.notice("no reply yet")
             return
         self.notice(stats_line(reply))
+
+
+def _show_text(engine: Engine, settings: Settings, used: int) -> str:
+    """``/show``: the model, where it runs, the settings and how much of the window the prompt uses."""
+    options = ", ".join(f"{k}={v}" for k, v in asdict(settings.sampling()).items())
+    return (
+        f"model: {engine.name}\ndevice: {placement(engine)}\nsettings: {options}\n"
+        f"context used: {used} / {engine.window} tokens (+ up to {settings.max_new_tokens} for the reply)"
+    )
+
+
+def _history_lines(turns: list[Turn], start: int) -> list[str]:
+    """``/history``: each turn under its label, continuation lines indented, turns before ``start`` marked."""
+    lines = []
+    for index, turn in enumerate(turns):
+        mark = " [interrupted]" if turn.interrupted else ""
+        left_out = " (left out of the prompt)" if index < start else ""
+        label = f"{turn.speaker}: "
+        text = escape_controls(turn.text).replace("\n", "\n" + " " * cell_len(label))
+        lines.append(f"{label}{text}{mark}{left_out}")
+    return lines
+
+
+def _with_setting(settings: Settings, key: str, value: str, window: int) -> Settings:
+    """``/set KEY VALUE``: the settings with the checked value, or a UsageError saying why not."""
+    if key not in SAMPLING_KEYS:
+        raise UsageError(f"/set: unknown setting {key!r}; known: {', '.join(SAMPLING_KEYS)}")
+    changed = settings.with_value(key, value, "/set")
+    try:
+        check_fits(0, changed.max_new_tokens, window)
+    except UsageError as err:
+        raise UsageError(f"/set: {err}") from None
+    return changed
+
+
+def _restored(
+    settings: Settings, stored: dict, keep: Collection[str], window: int, notice: Callable[[str], None]
+) -> tuple[Settings, list[str]]:
+    """The stored sampling settings taken over ``settings`` but those in ``keep``; invalid ones skipped with a notice."""
+    changed = []
+    for key in SAMPLING_KEYS:
+        if key in keep or key not in stored or stored[key] == getattr(settings, key):
+            continue
+        try:
+            candidate = settings.with_value(key, stored[key], "stored settings")
+            check_fits(0, candidate.max_new_tokens, window)
+        except UsageError as err:
+            notice(f"{err}; kept {key} = {getattr(settings, key)}")
+            continue
+        settings = candidate
+        changed.append(f"{key}={getattr(settings, key)}")
+    return settings, changed
+
+
+def _save_to(path: str, force: bool, turns: list[Turn], model: str, settings: dict) -> Path:
+    """``/save [PATH]`` and ``/save! PATH``: the file written."""
+    if not path:
+        return _save_new(turns, model, settings)
+    try:
+        return store.save_transcript(Path(path), turns, model, settings, replace=force)
+    except FileExistsError:
+        raise UsageError(f"{Path(path).expanduser()} already exists; /save! {path} replaces it") from None
 
 
 def _save_new(turns: list[Turn], model: str, settings: dict) -> Path:
@@ -319,137 +333,7 @@ def run_piped(chat: Chat, lines: Iterable[bytes]) -> int:
     A refused line is an error and the lines after it still run; the status is that of the first error.
     """
     for number, raw in enumerate(lines, 1):
-        try:
-            line = raw.decode("utf-8").rstrip("\r\n")
-        except UnicodeDecodeError:
-            raise UsageError(
-                f"standard input line {number} is not UTF-8; convert it first, e.g. `iconv -f SHIFT_JIS -t UTF-8`"
-            )
+        line = decode(raw, f"standard input line {number}").rstrip("\r\n")
         if line.strip() and not chat.handle(line):
             break
     return chat.exit_code
-
-
-def _history(path: Path, warn: Callable[[str], None]):
-    """prompt_toolkit's file history, each entry appended with one ``write``; a failing disk warns once."""
-    from prompt_toolkit.history import FileHistory
-
-    class History(FileHistory):
-        failed = False
-
-        def store_string(self, string: str) -> None:
-            entry = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
-            try:
-                fd = os.open(self.filename, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, entry.encode("utf-8", errors="replace"))
-                finally:
-                    os.close(fd)
-            except OSError as err:
-                if not self.failed:
-                    self.failed = True
-                    warn(f"cannot write the input history {os.fsdecode(self.filename)} ({err.strerror or err})")
-
-    return History(str(path))
-
-
-# What typed-ahead keys may bring besides text: escape sequences (arrows, function keys) and controls.
-_KEY_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|O.|.)?")
-
-
-def _typed_text(data: bytes) -> str:
-    """The text that typed-ahead bytes spell: Backspace applied, Enter a newline, other keys dropped."""
-    text: list[str] = []
-    for char in _KEY_ESCAPE.sub("", data.decode("utf-8", "ignore")).replace("\r", "\n"):
-        if char in "\x7f\b":
-            if text:
-                text.pop()
-        elif char == "\n" or escape_controls(char) == char:
-            text.append(char)
-    return "".join(text).strip("\n")
-
-
-@contextmanager
-def _keys_held(stdin: TextIO | None) -> Iterator[list[str]]:
-    """While a reply streams the terminal neither echoes keys nor waits for Enter (Ctrl-C still
-    signals); what was typed meanwhile is read back at the end into the yielded list."""
-    typed: list[str] = []
-    try:
-        import termios
-
-        fd = stdin.fileno() if stdin is not None else -1
-        saved = termios.tcgetattr(fd)
-    except Exception:  # no terminal here: tests, a closed stdin, Windows (no termios)
-        yield typed
-        return
-    quiet = termios.tcgetattr(fd)
-    quiet[3] &= ~(termios.ECHO | termios.ICANON)
-    quiet[3] |= termios.NOFLSH  # Ctrl-C keeps what was typed before it
-    termios.tcsetattr(fd, termios.TCSANOW, quiet)
-    try:
-        yield typed
-    finally:
-        data = b""
-        try:
-            while select.select([fd], [], [], 0)[0]:
-                chunk = os.read(fd, 4096)
-                if not chunk:
-                    break
-                data += chunk
-        except OSError:
-            pass
-        termios.tcsetattr(fd, termios.TCSANOW, saved)
-        typed.append(_typed_text(data))
-
-
-QUIT_HINT = "(Ctrl-D or /exit to quit)"
-
-
-def run_terminal(chat: Chat, history_file: Path | None, env: Environment) -> int:
-    """The interactive prompt: Enter sends, Alt+Enter adds a line, Tab completes a command, Ctrl-C clears, Ctrl-D quits."""
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.completion import WordCompleter
-    from prompt_toolkit.history import InMemoryHistory
-    from prompt_toolkit.key_binding import KeyBindings
-    from prompt_toolkit.output import create_output
-
-    bindings = KeyBindings()
-
-    @bindings.add("escape", "enter")
-    def _newline(event):
-        event.current_buffer.insert_text("\n")
-
-    history = _history(history_file, env.warn) if history_file else InMemoryHistory()
-    # With stdout redirected (`rinna chat > chat.txt`) the prompt is drawn on the terminal's
-    # stderr; by default prompt_toolkit would draw it, escapes and all, into the file.
-    output = create_output(always_prefer_tty=True) if not env.stdout_isatty and env.stderr_isatty else None
-    session: PromptSession[str] = PromptSession(
-        history=history,
-        key_bindings=bindings,
-        enable_open_in_editor=False,
-        output=output,
-        completer=WordCompleter(commands.names(), sentence=True),
-        complete_while_typing=False,
-    )
-    label = f"{USER}: "
-    typed = ""
-    while True:
-        try:
-            line = session.prompt(
-                [("bold fg:ansigreen", label)], prompt_continuation=" " * cell_len(label), default=typed
-            )
-        except KeyboardInterrupt:
-            typed = ""
-            if not session.default_buffer.text:
-                chat.notice(QUIT_HINT)
-            continue
-        except EOFError:
-            return 0
-        try:
-            with _keys_held(env.stdin) as held:
-                if not chat.handle(line):
-                    return 0
-        except KeyboardInterrupt:
-            # Ctrl-C outside generation (while the prompt was being built or saved): back to the prompt.
-            chat.notice("interrupted")
-        typed = held[-1] if held else ""

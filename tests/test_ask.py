@@ -467,7 +467,8 @@ def test_json(warm, model, tok):
     text = ok(result)
     assert text.endswith("}\n") and text.count("\n") == 1
     data = json.loads(text)
-    assert list(data) == JSON_KEYS
+    assert list(data) == [*JSON_KEYS, "kernels"]  # the local int8 engine says which kernels ran
+    assert data["kernels"].startswith("int8 decode ") and ", prefill " in data["kernels"]
     ids = prompt_ids(tok, SIGHTSEEING_Q)
     reply_ids = tok.encode(encode_newlines(SIGHTSEEING_A))
     assert data["reply"] == SIGHTSEEING_A
@@ -487,7 +488,7 @@ def test_json_keeps_byte_fallback_characters(warm, model):
 def test_json_length(warm, model):
     result = warm.run("ask", "--model", model, "-t", "0", "--max-new-tokens", "3", "--json", SIGHTSEEING_Q)
     data = json.loads(ok(result))
-    assert list(data) == JSON_KEYS
+    assert list(data) == [*JSON_KEYS, "kernels"]
     assert data["finish_reason"] == "length" and data["completion_tokens"] == 3
     assert data["reply"] and SIGHTSEEING_A.startswith(data["reply"])
 

@@ -24,8 +24,8 @@ from tests.fixtures.memorized_data import CONVERSATIONS, NAME_Q
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=64, seed=0)
-(SIGHT_Q, SIGHT_A), = CONVERSATIONS[0]
-(MOUNT_Q, MOUNT_A), = CONVERSATIONS[1]
+((SIGHT_Q, SIGHT_A),) = CONVERSATIONS[0]
+((MOUNT_Q, MOUNT_A),) = CONVERSATIONS[1]
 (TARO_1, TARO_R), (_, TARO_A) = CONVERSATIONS[4]
 
 
@@ -55,11 +55,17 @@ def test_json_lines_give_id_prompt_history_and_options(tokenizer):
     item = batch.parse_line(_line(id="q1", prompt=MOUNT_Q, temperature=0.5, seed=9), 1, tokenizer, DEFAULTS, 2048)
     assert (item.id, item.prompt_ids) == ("q1", _ids(tokenizer, ("user", MOUNT_Q)))
     assert (item.sampling.temperature, item.sampling.seed, item.sampling.max_new_tokens) == (0.5, 9, 64)
-    messages = [{"role": "user", "content": TARO_1}, {"role": "assistant", "content": TARO_R}, {"role": "user", "content": NAME_Q}]
+    messages = [
+        {"role": "user", "content": TARO_1},
+        {"role": "assistant", "content": TARO_R},
+        {"role": "user", "content": NAME_Q},
+    ]
     item = batch.parse_line(_line(id=7, messages=messages), 2, tokenizer, DEFAULTS, 2048)
     assert (item.id, item.error) == (7, None)
     assert item.prompt_ids == _ids(tokenizer, ("user", TARO_1), ("assistant", TARO_R), ("user", NAME_Q))
-    assert batch.parse_line('"{not json"', 4, tokenizer, DEFAULTS, 2048).prompt_ids == _ids(tokenizer, ("user", '"{not json"'))
+    assert batch.parse_line('"{not json"', 4, tokenizer, DEFAULTS, 2048).prompt_ids == _ids(
+        tokenizer, ("user", '"{not json"')
+    )
 
 
 @pytest.mark.parametrize(
@@ -73,11 +79,23 @@ def test_json_lines_give_id_prompt_history_and_options(tokenizer):
         (_line(id=1.5, prompt="x"), "id must be a string or an integer"),
         (_line(prompt="x", messages=[]), "give either prompt or messages"),
         (_line(id="a"), "give either prompt or messages"),
-        (_line(prompt="x", temprature=1), "unknown field 'temprature'; known: id, max_new_tokens, messages, prompt, "
-         "repetition_penalty, seed, temperature, top_k, top_p"),
-        (_line(prompt="x", temperature=9), "temperature = 9 is out of range; allowed: 0.0 <= temperature <= 5.0 (0 = greedy)"),
-        (_line(messages=[{"role": "system", "content": "x"}]), "message 1: role must be user or assistant, not 'system' (rinna has no system turn)"),
-        (_line(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]), "the last message must be the user's"),
+        (
+            _line(prompt="x", temprature=1),
+            "unknown field 'temprature'; known: id, max_new_tokens, messages, prompt, "
+            "repetition_penalty, seed, temperature, top_k, top_p",
+        ),
+        (
+            _line(prompt="x", temperature=9),
+            "temperature = 9 is out of range; allowed: 0.0 <= temperature <= 5.0 (0 = greedy)",
+        ),
+        (
+            _line(messages=[{"role": "system", "content": "x"}]),
+            "message 1: role must be user or assistant, not 'system' (rinna has no system turn)",
+        ),
+        (
+            _line(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]),
+            "the last message must be the user's",
+        ),
         (_line(messages="hi"), "messages must be a non-empty array of {role, content} objects"),
         (_line(prompt="猫" * 3000), "the prompt is"),
     ],
@@ -101,16 +119,26 @@ def test_read_items_numbers_lines_and_refuses_repeats(tokenizer):
     assert items[0].prompt_ids == _ids(tokenizer, ("user", SIGHT_Q))
 
 
-INPUT = "\n".join(
-    [
-        SIGHT_Q,
-        _line(id="mount", prompt=MOUNT_Q),
-        _line(id="taro", messages=[{"role": "user", "content": TARO_1}, {"role": "assistant", "content": TARO_R}, {"role": "user", "content": NAME_Q}]),
-        '{"id": "broken"',
-        "",
-        _line(id="short", prompt=MOUNT_Q, max_new_tokens=3),
-    ]
-) + "\n"
+INPUT = (
+    "\n".join(
+        [
+            SIGHT_Q,
+            _line(id="mount", prompt=MOUNT_Q),
+            _line(
+                id="taro",
+                messages=[
+                    {"role": "user", "content": TARO_1},
+                    {"role": "assistant", "content": TARO_R},
+                    {"role": "user", "content": NAME_Q},
+                ],
+            ),
+            '{"id": "broken"',
+            "",
+            _line(id="short", prompt=MOUNT_Q, max_new_tokens=3),
+        ]
+    )
+    + "\n"
+)
 EXPECTED = [
     {"id": 1, "reply": SIGHT_A, "finish_reason": "stop", "prompt_tokens": 23, "completion_tokens": 31},
     {"id": "mount", "reply": MOUNT_A, "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 21},
@@ -140,7 +168,9 @@ def test_standard_output_gets_rows_in_input_order_and_exit_1(memorized_model):
     env = _env(INPUT.encode())
     assert batch.batch(env, _settings(memorized_model), "-", None, parallel=3) == 1
     assert _rows(env.stdout.getvalue()) == EXPECTED
-    assert env.stderr.getvalue() == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"  # no progress on a pipe
+    assert (
+        env.stderr.getvalue() == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
+    )  # no progress on a pipe
 
 
 class Counting:
@@ -161,11 +191,15 @@ def test_rerun_with_the_same_out_resumes(memorized_model, tmp_path, monkeypatch,
     source.write_text(INPUT, encoding="utf-8")
     out = tmp_path / "out.jsonl"
     out.write_bytes(
-        (json.dumps(EXPECTED[1], ensure_ascii=False) + "\n" + json.dumps(EXPECTED[4]) + "\n" + '{"id": 1, "rep').encode()
+        (
+            json.dumps(EXPECTED[1], ensure_ascii=False) + "\n" + json.dumps(EXPECTED[4]) + "\n" + '{"id": 1, "rep'
+        ).encode()
     )
     counted = []
     real = batch.batched
-    monkeypatch.setattr(batch, "batched", lambda engine, parallel: counted.append(Counting(real(engine, parallel))) or counted[0])
+    monkeypatch.setattr(
+        batch, "batched", lambda engine, parallel: counted.append(Counting(real(engine, parallel))) or counted[0]
+    )
     env = _env()
     assert batch.batch(env, _settings(memorized_model), str(source), out, parallel=2) == 1
     assert _rows(out.read_text(encoding="utf-8")) == EXPECTED
@@ -175,7 +209,9 @@ def test_rerun_with_the_same_out_resumes(memorized_model, tmp_path, monkeypatch,
     )  # fmt: skip
     assert env.stdout.getvalue() == ""
     counted.clear()
-    assert batch.batch(_env(), _settings(memorized_model), str(source), out, parallel=2) == 1  # only the bad lines again
+    assert (
+        batch.batch(_env(), _settings(memorized_model), str(source), out, parallel=2) == 1
+    )  # only the bad lines again
     assert _rows(out.read_text(encoding="utf-8")) == EXPECTED and counted == []
 
 
@@ -273,7 +309,9 @@ def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path
     kept = _rows(out.read_text(encoding="utf-8"))
     assert out.read_bytes().endswith(b"\n") and 1 <= len(kept) < 8
     assert all(row["finish_reason"] in ("stop", "length") for row in kept)
-    rerun = subprocess.run([sys.executable, str(script), str(source), str(out)], env=_job_env(tmp_path), capture_output=True, timeout=300)
+    rerun = subprocess.run(
+        [sys.executable, str(script), str(source), str(out)], env=_job_env(tmp_path), capture_output=True, timeout=300
+    )
     assert rerun.returncode == 0, rerun.stderr
     final = _rows(out.read_text(encoding="utf-8"))
     assert [row["id"] for row in final] == list(range(1, 9))

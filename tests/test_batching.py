@@ -61,16 +61,21 @@ def _memorized_prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_memorized_replies_are_exact_in_a_batch(memorized_model, tmp_path, quantize):
-    """All memorized prompts at once, prefilled 5 tokens a step: each reply is the memorized one, as alone."""
+    """All memorized prompts, 3 in flight, each joining as another leaves: each reply is the memorized one, as alone.
+
+    Default chunking (what serve uses): these prompts are read whole, beside the others' decode rows.
+    """
     local = _load(memorized_model, quantize, tmp_path)
-    engine = BatchingEngine.wrap(local, parallel=3, prefill_chunk=5)
+    engine = BatchingEngine.wrap(local, parallel=3)
     prompts = _memorized_prompts(local.tokenizer)
     replies = _concurrently(engine, [p for p, _ in prompts], [GREEDY] * len(prompts))
     for (prompt_ids, answer), reply in zip(prompts, replies):
         alone = _alone(local, prompt_ids, GREEDY)
         assert reply.text == answer
-        assert (reply.text, reply.ids, reply.finish_reason) == (alone.text, alone.ids, alone.finish_reason) == (
-            answer, alone.ids, "stop"
+        assert (
+            (reply.text, reply.ids, reply.finish_reason)
+            == (alone.text, alone.ids, alone.finish_reason)
+            == (answer, alone.ids, "stop")
         )
         assert (reply.prompt_tokens, reply.completion_tokens) == (alone.prompt_tokens, alone.completion_tokens)
     engine.close()
@@ -78,9 +83,12 @@ def test_memorized_replies_are_exact_in_a_batch(memorized_model, tmp_path, quant
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_random_model_ids_match_the_single_engine(tiny_model, tmp_path, quantize):
-    """12 prompts of different lengths in flight together: greedy, repetition penalty and seeded sampling ids as alone."""
+    """12 prompts of different lengths, 5 in flight: greedy, repetition penalty and seeded sampling ids as alone.
+
+    Not chunked: a chunk of a prompt may take another int8 kernel than the whole prompt (fewer rows).
+    """
     local = _load(tiny_model, quantize, tmp_path)
-    engine = BatchingEngine.wrap(local, parallel=5, prefill_chunk=7)
+    engine = BatchingEngine.wrap(local, parallel=5)
     prompts = [local.tokenizer.encode(TINY_CORPUS[i % len(TINY_CORPUS)] * (1 + i % 3)) for i in range(12)]
     samplings = [
         Sampling(0.0, 1.0, 0, 1.0, 24, 0),
@@ -223,7 +231,9 @@ def test_at_most_parallel_run_and_the_rest_wait(tiny_engine):
     lock = threading.Lock()
 
     def one() -> None:
-        reply = engine.generate(prompt, Sampling(0.0, 1.0, 0, 1.0, 30, 0), lambda step: statuses.append(engine.status()))
+        reply = engine.generate(
+            prompt, Sampling(0.0, 1.0, 0, 1.0, 30, 0), lambda step: statuses.append(engine.status())
+        )
         with lock:
             replies.append(reply)
 
@@ -261,13 +271,13 @@ def test_the_cache_is_bounded_by_the_prompt_and_reply(tiny_engine):
     with pytest.raises(UsageError, match="empty prompt"):
         engine.generate([], GREEDY)
     shapes = []
-    original = engine._start
+    original = engine._pass.start
 
     def spy(sequence) -> None:
         original(sequence)
         shapes.append(tuple(sequence.keys.shape))
 
-    engine._start = spy
+    engine._pass.start = spy
     reply = engine.generate([5] * 20, Sampling(0.0, 1.0, 0, 1.0, 7, 0))
     config = tiny_engine.model.config
     head_size = config.hidden_size // config.num_attention_heads
@@ -293,3 +303,51 @@ def test_close_ends_waiting_calls_and_refuses_new_ones(tiny_engine):
     assert result["a"].finish_reason == "interrupted" and result["a"].completion_tokens < 200
     with pytest.raises(Exception, match="closed"):
         engine.generate(prompt, GREEDY)
+
+
+def test_a_step_reads_chat_sized_prompts_whole_beside_the_decode_rows():
+    """The plan: decode rows first; a prompt that fits the chunk whole or next step; a longer one what is left."""
+    from rinna_cli.batched_forward import Sequence
+    from rinna_cli.batching import plan
+
+    def sequence(prompt: int, fed: int) -> Sequence:
+        made = Sequence([5] * prompt, GREEDY, threading.Event(), fed=fed)
+        made.generated = [7] if fed == prompt else []
+        return made
+
+    decoding, short, long, other = sequence(10, 10), sequence(200, 0), sequence(900, 0), sequence(100, 0)
+    rows, prefilled = plan([short, decoding, long, other], chunk=256, window=2048)
+    assert [(s, len(ids)) for s, ids in rows] == [(decoding, 1), (short, 200), (long, 56)] and prefilled == 256
+    rows, prefilled = plan([long, short], chunk=256, window=2048)  # nobody decodes: every prompt whole
+    assert [(s, len(ids)) for s, ids in rows] == [(long, 900), (short, 200)] and prefilled == 1100
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_joining_prompt_is_read_in_one_step_and_answers_as_alone(memorized_model, tmp_path, quantize):
+    """Default (serve's) chunking: a prompt of up to a few hundred tokens joining a decoding batch gets its
+    first token after at most two steps of the others, and its greedy reply is byte-identical to the single engine's."""
+    local = _load(memorized_model, quantize, tmp_path)
+    engine = BatchingEngine.wrap(local, parallel=3)
+    prompts = _memorized_prompts(local.tokenizer)
+    long_ids = max((p for p, _ in prompts), key=len)
+    others: list[float] = []
+    started = threading.Event()
+
+    def on_other(step: Step) -> None:
+        others.append(time.perf_counter())
+        started.set()
+
+    background = Sampling(0.0, 1.0, 0, 1.0, 400, 0)
+    thread = threading.Thread(target=engine.generate, args=(long_ids + [5] * 40, background, on_other))
+    thread.start()
+    assert started.wait(60)
+    wordy = (local.tokenizer.encode("".join(TINY_CORPUS)) * 4)[:250]
+    for prompt_ids, answer in [*prompts[:4], (wordy, None)]:
+        submitted, first = time.perf_counter(), []
+        reply = engine.generate(prompt_ids, GREEDY, lambda step: first.append(time.perf_counter()))
+        assert sum(1 for t in others if submitted < t < first[0]) <= 2
+        if answer is not None:
+            assert (reply.text, reply.finish_reason) == (answer, "stop")
+        assert reply.ids == _alone(local, prompt_ids, GREEDY).ids
+    engine.close()
+    thread.join()

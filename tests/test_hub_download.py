@@ -180,7 +180,8 @@ def test_offline_and_not_cached_names_the_two_ways_without_a_download(hub, env):
     line = one_error(rinna(dict(env, HF_HUB_OFFLINE="1"), "ask", "--model", "rinna/demo", QUESTION), 1)
     assert line == (
         "rinna: error: rinna/demo: it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; without a "
-        f"download, generate on a server with --endpoint URL, or try the demo model: --model {DEMO_MODEL}"
+        "download, generate on a server with --endpoint URL (and --model a local folder holding its tokenizer), or try "
+        f"the demo model: --model {DEMO_MODEL}"
     )
     assert hub.requests == []
 

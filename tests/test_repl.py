@@ -13,7 +13,7 @@ from dataclasses import asdict
 
 import pytest
 
-from rinna_cli import config, repl, store
+from rinna_cli import config, store, terminal
 from rinna_cli.environment import Environment
 from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.prompt import SYSTEM, USER, format_prompt
@@ -382,7 +382,7 @@ def test_show_last_exchange_on_a_terminal(h):
     out = io.StringIO()
     h.send("私の名前は太郎です。", "一行目\n二行目")
     h.chat.view = ReplyView(out, tty=True)
-    h.chat.show_last_exchange()
+    terminal.show_last_exchange(h.chat)
     assert out.getvalue() == "ユーザー: 一行目\n          二行目\nシステム: 太郎さんです。\n\n"
 
 
@@ -676,7 +676,7 @@ def test_run_piped_refuses_a_line_that_is_not_utf8(h):
 
 def test_history_file_warns_once_when_it_cannot_be_written(tmp_path):
     warnings = []
-    history = repl._history(tmp_path / "missing" / "history", warnings.append)
+    history = terminal._history(tmp_path / "missing" / "history", warnings.append)
     history.store_string("一")
     history.store_string("二")
     assert len(warnings) == 1 and "cannot write the input history" in warnings[0]
@@ -684,10 +684,10 @@ def test_history_file_warns_once_when_it_cannot_be_written(tmp_path):
 
 def test_history_file_entries_are_read_back(tmp_path):
     path = tmp_path / "history"
-    history = repl._history(path, pytest.fail)
+    history = terminal._history(path, pytest.fail)
     history.store_string("一行目\n二行目")
     history.store_string("/help")
-    assert list(repl._history(path, pytest.fail).load_history_strings()) == ["/help", "一行目\n二行目"]
+    assert list(terminal._history(path, pytest.fail).load_history_strings()) == ["/help", "一行目\n二行目"]
     assert path.stat().st_mode & 0o777 == 0o600
 
 
@@ -703,7 +703,7 @@ def run_keys(h: Harness, keys: str, history_file=None) -> int:
     with create_pipe_input() as pipe, create_app_session(input=pipe, output=DummyOutput()):
         pipe.send_text(keys)
         env = Environment(stdin=None, stdout=io.StringIO(), stderr=io.StringIO())
-        return repl.run_terminal(h.chat, history_file, env)
+        return terminal.run_terminal(h.chat, history_file, env)
 
 
 def test_terminal_keys(h, tmp_path):
@@ -718,7 +718,7 @@ def test_terminal_keys(h, tmp_path):
     assert run_keys(h, keys, tmp_path / "history") == 0
     assert [text for speaker, text in h.turns() if speaker == USER] == ["私の名前は太郎です。", "一行目\n二行目"]
     assert h.last_notice() == "removed the last exchange"
-    entries = list(repl._history(tmp_path / "history", pytest.fail).load_history_strings())
+    entries = list(terminal._history(tmp_path / "history", pytest.fail).load_history_strings())
     assert entries == ["/undo", "三行目\n四行目", "一行目\n二行目", "私の名前は太郎です。"]
 
 
@@ -743,7 +743,7 @@ def test_ctrl_c_at_an_empty_prompt_says_how_to_quit(h):
      (b"one\rtwo\r", "one\ntwo"), (b"\x07\x00a\t", "a\t"), ("日本".encode()[:-1], "日")],
 )  # fmt: skip
 def test_typed_ahead_bytes_become_the_next_prompts_text(data, text):
-    assert repl._typed_text(data) == text
+    assert terminal._typed_text(data) == text
 
 
 def test_terminal_ctrl_c_outside_generation_returns_to_the_prompt(h):

@@ -149,6 +149,13 @@ class _Reading:
         )
 
 
+TEXT_ONLY = (
+    "returns replies as text only, not as token ids, so the server's detokenizer decides spaces and byte-fallback "
+    "characters; vLLM >= 0.10.2 returns token ids (return_token_ids), older vLLM when started with "
+    "--return-tokens-as-token-ids"
+)
+
+
 class RemoteEngine:
     """Generates on an OpenAI-compatible server; prompt and reply stay token ids (see :mod:`rinna_cli.remote`)."""
 
@@ -348,18 +355,12 @@ class RemoteEngine:
                 mode = reading.mode = MODES[mode.fallback]  # the choices hold text: read this stream as text
             else:
                 self.mode = mode.name
-                outside = next((i for i in ids if not 0 <= i < self.tokenizer.vocab_size), None)
-                if outside is not None:
-                    raise self.http.fail(
-                        f"the server returned token id {outside}, outside the {self.tokenizer.vocab_size} ids of "
-                        f"--model {self.name}'s tokenizer: {self._names}the served model's tokenizer is another; "
-                        "pass the served model's hub id or folder as --model"
-                    )
+                _check_vocabulary(self, ids)
                 reading.take_ids(ids)
         if mode.ids is None:
             if learning:
                 self.mode = mode.name
-                self._warn_text_only()
+                self._warn(f"{self.endpoint} {TEXT_ONLY}")
             text = choice.get("text")
             if not isinstance(text, str):
                 raise self.http.not_openai(f"{request} streamed a choice without text")
@@ -367,13 +368,6 @@ class RemoteEngine:
         if choice.get("finish_reason"):
             reading.finish = str(choice["finish_reason"])
         return None
-
-    def _warn_text_only(self) -> None:
-        self._warn(
-            f"{self.endpoint} returns replies as text only, not as token ids, so the server's detokenizer decides "
-            "spaces and byte-fallback characters; vLLM >= 0.10.2 returns token ids (return_token_ids), older vLLM "
-            "when started with --return-tokens-as-token-ids"
-        )
 
 
 def connect(
@@ -389,3 +383,15 @@ def connect(
     )
     engine.check()
     return engine
+
+
+def _check_vocabulary(engine: RemoteEngine, ids: list[int]) -> None:
+    """An id outside the tokenizer's vocabulary: the served model's tokenizer is another (one line, exit 1)."""
+    size = engine.tokenizer.vocab_size
+    outside = next((i for i in ids if not 0 <= i < size), None)
+    if outside is not None:
+        raise engine.http.fail(
+            f"the server returned token id {outside}, outside the {size} ids of --model {engine.name}'s "
+            f"tokenizer: {engine._names}the served model's tokenizer is another; pass the served model's hub id "
+            "or folder as --model"
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 import sys
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rinna_cli import config, hub
 from rinna_cli.contract import Engine, placement
@@ -196,19 +196,6 @@ def prepare(
     return Serving(env, sock, server, app.state.rinna, engine)
 
 
-def serve(
-    env: Environment,
-    settings: config.Settings,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key_env: str | None = None,
-    queue_size: int = 4,
-    served_model_name: str | None = None,
-    quiet: bool = False,
-    system_messages: str | None = None,
-    parallel: int = 1,
-) -> int:
-    """``rinna serve``: serves until SIGINT or SIGTERM; returns the exit code."""
-    return prepare(
-        env, settings, host, port, api_key_env, queue_size, served_model_name, quiet, system_messages, parallel
-    ).run()
+def serve(env: Environment, settings: config.Settings, **options: Any) -> int:
+    """``rinna serve`` (``options`` as :func:`prepare` takes them): serves until SIGINT or SIGTERM; the exit code."""
+    return prepare(env, settings, **options).run()
