@@ -194,3 +194,22 @@ def test_resume_target():
     assert chat_command.resume_target(True, "2") == "2"
     with pytest.raises(UsageError, match=r"to continue session '2', add --resume: rinna chat --resume 2"):
         chat_command.resume_target(False, "2")
+
+
+def test_the_command_line_lists_sessions_and_resumes_by_number(memorized_model, engine, home):
+    """``rinna sessions`` and ``rinna chat --resume N`` as declared in cli.py (in-process)."""
+    from tests.fakes import run_cli
+
+    engine.enqueue("一の返事。", "二の返事。", "続き。")
+    assert run_cli("chat", "-m", str(memorized_model), "-t", "0", stdin="一\n".encode(), engine=engine).code == 0
+    age(store.sessions(home / "sessions")[0].path, 60)
+    assert run_cli("chat", "-m", str(memorized_model), "-t", "0", stdin="二\n".encode(), engine=engine).code == 0
+    listed = run_cli("sessions")
+    assert listed.code == 0 and [line.split()[0] for line in listed.stdout.splitlines()] == ["1", "2"]
+    assert "二  (piped)" in listed.stdout.splitlines()[0] and "一  (piped)" in listed.stdout.splitlines()[1]
+    resumed = run_cli("chat", "-m", str(memorized_model), "--resume", "2", stdin="続けて\n".encode(), engine=engine)
+    assert (resumed.code, resumed.stdout) == (0, "続き。\n")
+    assert engine.prompt_text() == "ユーザー: 一<NL>システム: 一の返事。<NL>ユーザー: 続けて<NL>システム: "
+    # --resume alone takes the last chat typed on a terminal: piped runs never are one
+    refused = run_cli("chat", "-m", str(memorized_model), "--resume", stdin=b"x\n", engine=engine)
+    assert refused.code != 0 and refused.stderr.startswith("rinna: error: ")

@@ -310,6 +310,29 @@ def test_models_and_health(servers, memorized_model):
     assert request(servers["memorized"].port, "GET", "/v1/nothing")[0] == 404
 
 
+def test_the_serve_flags_of_the_command_line(memorized_model, tmp_path):
+    """--served-model-name, --parallel, --quiet, --system-messages and the sampling flags, parsed by the real command."""
+    served = Served(make_env(tmp_path), tmp_path / "flags.log", "--model", str(memorized_model), "--served-model-name", "rinna", "--parallel", "2", "--quiet", "--system-messages", "merge", "-t", "0", "-n", "3")  # fmt: skip
+    try:
+        served.wait_ready()
+        status, models = request(served.port, "GET", "/v1/models")
+        assert status == 200 and [m["id"] for m in models["data"]] == ["rinna"]
+        assert health(served)["batch"]["parallel"] == 2
+        body = {"model": "gpt-4o", "messages": [{"role": "system", "content": "短く。"}, {"role": "user", "content": "こんにちは"}]}  # fmt: skip
+        status, answer = request(served.port, "POST", "/v1/chat/completions", body)
+        assert status == 200 and answer["model"] == "rinna" and answer["usage"]["completion_tokens"] <= 3
+        question, reply = CONVERSATIONS[0][0]
+        body = {"model": "rinna", "messages": [{"role": "user", "content": question}]}
+        status, answer = request(served.port, "POST", "/v1/chat/completions", body)
+        choice = answer["choices"][0]  # -t 0 and -n 3 from the command line: the greedy reply's first 3 tokens
+        assert status == 200 and choice["finish_reason"] == "length" and answer["usage"]["completion_tokens"] == 3
+        assert choice["message"]["content"] and reply.startswith(choice["message"]["content"])
+    finally:
+        served.stop()
+    log = served.log.read_text()
+    assert "POST /v1/" not in log and "up to 2 replies at once" in log.splitlines()[0]  # --quiet: no access lines
+
+
 # --- auth, queue, disconnect -------------------------------------------------------------------------
 
 
