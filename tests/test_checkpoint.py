@@ -103,15 +103,20 @@ def _first_start(full_width: Path, tmp_path: Path, file: str) -> tuple[int, int,
     return measured["peak"] - measured["before"], cache.stat().st_size, layer
 
 
+# Beyond the int8 cache built in memory: the float16 layer being read, its quantizing temporaries and the
+# allocator's slack (measured 0.20–0.29 GB here, i.e. 1.05–1.5 layers). Reading the whole 3-layer checkpoint
+# at once grows by 1.69 GB, far above this bound.
+SLACK_LAYERS = 2.5
+
+
 @pytest.mark.parametrize("file", ["pytorch_model.bin", "model.safetensors"])
 def test_a_first_start_holds_one_layer_beyond_the_quantized_weights(full_width, tmp_path, file):
     growth, cache, layer = _first_start(full_width, tmp_path, file)
-    # the int8 cache (0.74 GB) is built in memory; beyond it one float16 layer (0.19 GB) read, and a little more
-    assert cache * 0.9 <= growth <= cache + 1.5 * layer, (growth, cache, layer)
+    assert cache * 0.9 <= growth <= cache + SLACK_LAYERS * layer, (growth, cache, layer)
 
 
 def test_the_bound_fails_when_the_whole_checkpoint_is_read(full_width, tmp_path):
     """An old pickle cannot be mapped and is read whole: the same bound must catch that."""
     growth, cache, layer = _first_start(full_width, tmp_path, "old/pytorch_model.bin")
     # the float16 checkpoint (1.0 GB) beside the int8 cache (0.74 GB)
-    assert growth > cache + 1.5 * layer, (growth, cache, layer)
+    assert growth > cache + SLACK_LAYERS * layer, (growth, cache, layer)
