@@ -53,12 +53,11 @@ def peak_rss() -> int:
 
 
 def cpu_flags() -> tuple[str, list[str]]:
-    name, flags = "?", []
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and name == "?":
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = line.split(":", 1)[1].split()
+    """The CPU's name and the flags that decide the kernels (vector widths, BF16, AMX)."""
+    from rinna_cli.kernels import cpu_identity
+
+    name, all_flags = cpu_identity()
+    flags = all_flags.split()
     wanted = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")) or f in ("sse4_2",)]
     return name, wanted
 

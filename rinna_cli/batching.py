@@ -34,7 +34,7 @@ import torch
 
 from rinna_cli.batched_forward import BatchedForward, Sequence
 from rinna_cli.contract import Reply, Sampling, Step, Timing, check_fits
-from rinna_cli.errors import ModelError, UsageError
+from rinna_cli.errors import ModelError, UsageError, is_out_of_memory
 from rinna_cli.streamer import ReplyDecoder
 from rinna_cli.tokenizer import Tokenizer
 
@@ -299,8 +299,7 @@ class BatchingEngine:
 
 def _one_line(err: BaseException) -> BaseException:
     """Running out of memory as a one-line error with what to lower; any other error as it is."""
-    message = str(err).lower()
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in message or "allocate" in message:
+    if is_out_of_memory(err):
         return ModelError(
             "out of memory while generating; lower --parallel or --max-new-tokens, or shorten the prompts"
         )

@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 from rinna_cli import quantized
 from rinna_cli.config import cache_dir as default_cache_dir
 from rinna_cli.contract import OnStep, Reply, Sampling, Step, Timing, ignore_step
-from rinna_cli.errors import ModelError, UsageError
+from rinna_cli.errors import ModelError, UsageError, is_out_of_memory
 from rinna_cli.hub import context_window, read_config
 from rinna_cli.streamer import ReplyDecoder
 from rinna_cli.tokenizer import Tokenizer
@@ -33,17 +33,7 @@ hf_logging.disable_progress_bar()  # loading shows one spinner on a terminal's s
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_HINT = "try --dtype bfloat16 or float16, or --device cpu"
-# How allocation failures read: torch.OutOfMemoryError, CUDA/MPS "out of memory", the CPU
-# allocator's "can't allocate memory" / "not enough memory", errno 12 "Cannot allocate memory".
-_OOM_WORDS = ("out of memory", "can't allocate", "cannot allocate", "not enough memory")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-
-
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, (torch.OutOfMemoryError, MemoryError)):
-        return True
-    text = str(err).lower()
-    return isinstance(err, (RuntimeError, OSError)) and any(word in text for word in _OOM_WORDS)
 
 
 def _first_line(err: BaseException) -> str:
@@ -243,7 +233,7 @@ class Engine:
         except ModelError:
             raise
         except Exception as err:  # noqa: BLE001 - every loader failure becomes one line naming the folder
-            if _is_oom(err):
+            if is_out_of_memory(err):
                 raise ModelError(f"{folder}: out of memory while loading the model; {OOM_HINT}") from None
             if isinstance(err, pickle.UnpicklingError):
                 raise ModelError(
@@ -315,7 +305,7 @@ class Engine:
                 )
         except BaseException as err:
             self._cache, self._cached_ids = None, []
-            if isinstance(err, Exception) and _is_oom(err):
+            if isinstance(err, Exception) and is_out_of_memory(err):
                 raise ModelError(
                     f"out of memory while generating; lower --max-new-tokens or shorten the prompt, or {OOM_HINT}"
                 ) from None

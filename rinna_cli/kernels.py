@@ -69,8 +69,8 @@ class Plan:
         return cls(**data)
 
 
-def machine_key(scheme: str) -> dict:
-    """What a plan depends on: the CPU (model and flags), torch, the thread count, the scheme."""
+def cpu_identity() -> tuple[str, str]:
+    """The CPU's model name and its feature flags (``/proc/cpuinfo`` where there is one)."""
     cpu, flags = platform.processor() or platform.machine(), ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,6 +80,12 @@ def machine_key(scheme: str) -> dict:
                 flags = line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine_key(scheme: str) -> dict:
+    """What a plan depends on: the CPU (model and flags), torch, the thread count, the scheme."""
+    cpu, flags = cpu_identity()
     return {
         "format": PLAN_FORMAT,
         "scheme": scheme,

@@ -9,14 +9,13 @@ CPU, torch or thread count is measured again.
 
 from __future__ import annotations
 
-import errno
 from pathlib import Path
 from typing import Callable
 
 from torch import nn
 
 from rinna_cli import checkpoint, int4, int8, kernels
-from rinna_cli.errors import ModelError
+from rinna_cli.errors import ModelError, is_out_of_memory
 
 SCHEMES = ("int8", "int4")
 
@@ -30,14 +29,6 @@ def _layout(scheme: str, config) -> tuple[str, nn.Module]:
 
 def cache_path(folder: Path, scheme: str, cache_dir: Path, config) -> Path:
     return cache_dir / scheme / f"{int8.cache_key(folder, _layout(scheme, config)[0])}.safetensors"
-
-
-def _out_of_memory(err: BaseException) -> bool:
-    return (
-        isinstance(err, MemoryError)
-        or getattr(err, "errno", None) == errno.ENOMEM
-        or "out of memory" in str(err).lower()
-    )
 
 
 def load_quantized(
@@ -68,7 +59,7 @@ def load_quantized(
         try:
             loaded = int8.load(config, path, model)
         except Exception as err:  # noqa: BLE001 - a damaged cache is rebuilt, never trusted
-            if _out_of_memory(err):
+            if is_out_of_memory(err):
                 raise
             path.unlink(missing_ok=True)
             model = _layout(scheme, config)[1]
@@ -79,7 +70,7 @@ def load_quantized(
             checkpoint.quantize_into(files, model, path, format)
         except OSError as err:
             _stop(probe)
-            if _out_of_memory(err):
+            if is_out_of_memory(err):
                 raise
             raise ModelError(
                 f"cannot write the {scheme} weights to {path.parent} ({err.strerror or err}); "
