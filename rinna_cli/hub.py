@@ -5,8 +5,8 @@ Only the files a command needs are fetched: ``tokenize``, ``--show-prompt`` and
 weights. The weights are the repo's safetensors when it has any, its
 ``pytorch_model*.bin`` only when it has none: never both. Before weights are
 downloaded, one line on stderr says how much, where to, what the first start
-then does, and that Ctrl-C is safe: files already fetched stay in the cache, and
-huggingface_hub resumes a file whose connection drops.
+then does, and that Ctrl-C is safe: files already fetched stay in the cache, and a
+file cut short (a dropped connection, Ctrl-C, a kill) is continued where it stopped.
 """
 
 from __future__ import annotations
@@ -198,19 +198,15 @@ def _download(repo_id: str, names: list[str]) -> Path:
 
     The files come down in a daemon thread so that Ctrl-C ends the command at once: huggingface_hub's
     own thread pool (snapshot_download) would keep the process alive until the current file is done.
-    A file cut short that way leaves a partial blob, removed by the next run.
     """
     import threading
 
-    from huggingface_hub import hf_hub_download
-
-    _remove_abandoned_partials(repo_id)
     done: dict = {}
 
     def fetch() -> None:
         try:
             for name in names:
-                done["path"] = hf_hub_download(repo_id, name)
+                done["path"] = _fetch(repo_id, name)
         except BaseException as err:  # handed to the waiting thread
             done["error"] = err
 
@@ -230,19 +226,39 @@ def _download(repo_id: str, names: list[str]) -> Path:
     return Path(done["path"]).parent
 
 
-def _remove_abandoned_partials(repo_id: str, older_than_s: float = 600.0) -> None:
-    """Delete partial blobs of ``repo_id`` that no download has written to for a while (left by Ctrl-C)."""
-    import time
+def _fetch(repo_id: str, name: str) -> str:
+    """One file into the cache, resuming what an earlier run left: the cached file's path.
 
-    from huggingface_hub import constants
+    huggingface_hub resumes a dropped connection within one process, but writes to a file unique
+    to the process and deletes it when the process ends, so after a Ctrl-C a 7 GB file would start
+    over. Here the bytes go to ``blobs/<etag>.part`` (under huggingface_hub's lock for that blob),
+    continued with a range request by the next run and renamed to the blob when complete;
+    ``hf_hub_download`` then finds the blob and links it into the snapshot as usual.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url
+    from huggingface_hub.file_download import http_get, repo_folder_name
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
 
-    blobs = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "blobs"
-    for partial in blobs.glob("*.incomplete"):
-        try:
-            if time.time() - partial.stat().st_mtime > older_than_s:
-                partial.unlink()
-        except OSError:
-            pass
+    meta = get_hf_file_metadata(hf_hub_url(repo_id, name))
+    folder = repo_folder_name(repo_id=repo_id, repo_type="model")
+    blob = Path(constants.HF_HUB_CACHE) / folder / "blobs" / (meta.etag or "")
+    if meta.etag and not blob.exists():
+        lock = Path(constants.HF_HUB_CACHE) / ".locks" / folder / f"{meta.etag}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        part = blob.with_name(f"{meta.etag}.part")
+        with WeakFileLock(lock):
+            if not blob.exists():  # another run may have finished it meanwhile
+                with part.open("ab", buffering=0) as out:  # unbuffered: a kill keeps what was written
+                    if meta.size is not None and out.tell() > meta.size:  # not this file's start
+                        out.seek(0)
+                        out.truncate()
+                    http_get(
+                        meta.location, out, resume_size=out.tell(), headers=build_hf_headers(),
+                        expected_size=meta.size, displayed_filename=name,
+                    )  # fmt: skip
+                part.replace(blob)
+    return hf_hub_download(repo_id, name)
 
 
 @contextmanager

@@ -219,14 +219,15 @@ def test_a_dropped_connection_resumes_where_it_stopped(hub, env):
     assert hashlib.sha256(blob.read_bytes()).digest() == hashlib.sha256(data).digest()
 
 
-def test_ctrl_c_during_the_download_is_safe(hub, env):
-    hub.hold["model.safetensors"] = 100_000
+def test_ctrl_c_during_the_download_is_safe_and_the_next_run_continues_the_file(hub, env):
+    hub.hold["model.safetensors"] = 11 << 20  # past the first 10 MB chunk, which is on disk by then
     proc = subprocess.Popen(
-        [*RINNA, "ask", "--model", "rinna/demo", "-t", "0", QUESTION],
+        [*RINNA, "ask", "--model", "rinna/demo-large", "-t", "0", QUESTION],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
     )  # fmt: skip
     try:
         assert hub.held.wait(120), "the download never started"
+        time.sleep(0.5)  # the chunk reaches the disk
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=30)
@@ -238,19 +239,23 @@ def test_ctrl_c_during_the_download_is_safe(hub, env):
     assert proc.returncode == 130 and stdout == b"", stderr.decode()
     assert stopped_in < 5, stopped_in  # at once, not when the file is done
     assert stderr.decode().endswith(
-        "rinna: download of rinna/demo interrupted; run the same command again to continue it\n"
+        "rinna: download of rinna/demo-large interrupted; run the same command again to continue it\n"
     )
     assert "Traceback" not in stderr.decode()
     hub.hold.clear()
     hub.release.set()
-    for partial in Path(env["HF_HOME"]).rglob("*.incomplete"):  # as if left more than 10 minutes ago
-        os.utime(partial, (time.time() - 3600, time.time() - 3600))
     hub.requests.clear()
-    again = rinna(env, "ask", "--model", "rinna/demo", "-t", "0", QUESTION)
+    again = rinna(env, "ask", "--model", "rinna/demo-large", "-t", "0", QUESTION)
     assert again.returncode == 0, again.stderr.decode()
     assert again.stdout == (ANSWER + "\n").encode()
     assert fetched(hub) == ["model.safetensors"]  # the tokenizer files were kept
-    assert not list(Path(env["HF_HOME"]).rglob("*.incomplete"))
+    ranges = [r["range"] for r in hub.downloads("model.safetensors")]
+    assert len(ranges) == 1 and re.fullmatch(r"bytes=\d+-", ranges[0] or ""), ranges
+    assert int(ranges[0][6:-1]) >= 10 << 20  # the second run continued the file
+    data = hub.repos["rinna/demo-large"].files["model.safetensors"]
+    blob = next(p for p in cache_files(env) if p.name == "model.safetensors").resolve()
+    assert hashlib.sha256(blob.read_bytes()).digest() == hashlib.sha256(data).digest()
+    assert not [p.name for p in Path(env["HF_HOME"]).rglob("*") if p.name.endswith((".part", ".incomplete"))]
 
 
 # --- progress on a terminal ---------------------------------------------------------------------
