@@ -30,7 +30,7 @@ test: install
 	$(BIN)/ruff check rinna_cli
 	$(BIN)/ruff format --check rinna_cli
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 4
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache

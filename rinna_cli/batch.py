@@ -147,7 +147,8 @@ def read_items(data: bytes, tokenizer: Tokenizer, defaults: Sampling, window: in
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    items, first_line = [], {}
+    items: list[Item] = []
+    first_line: dict[str, int] = {}
     for number, raw in enumerate(lines, 1):
         try:
             text = raw.removesuffix(b"\r").decode("utf-8")

@@ -85,7 +85,7 @@ class Int4Linear(QuantLinear):
         group = group or group_for(linear.in_features, linear.out_features)
         module = cls(linear.in_features, linear.out_features, linear.bias is not None, group_size=group)
         module.weight.data, module.scales_zeros.data = quantize_weight(linear.weight.detach(), group)
-        if linear.bias is not None:
+        if module.bias is not None:  # made with a bias exactly when linear has one
             module.bias.data = linear.bias.detach().float()
         return module
 

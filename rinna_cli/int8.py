@@ -140,7 +140,7 @@ class Int8Linear(QuantLinear):
     def quantize(cls, linear: nn.Linear) -> Int8Linear:
         module = cls(linear.in_features, linear.out_features, linear.bias is not None)
         module.weight.data, module.scale.data = quantize_weight(linear.weight.detach())
-        if linear.bias is not None:
+        if module.bias is not None:  # made with a bias exactly when linear has one
             module.bias.data = linear.bias.detach().to(ACTIVATION_DTYPE)
         return module
 
@@ -191,7 +191,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], format: str 
     64-byte boundary of the file (small ``__pad`` tensors fill the gaps), so memory-mapped
     it is aligned as torch's int8 and int4 kernels need and is used in place, never copied.
     """
-    entries, offset = [], 0
+    entries: list[tuple[str, torch.Tensor]] = []
+    offset = 0
     for name, tensor in tensors.items():
         gap = -offset % _ALIGN
         if gap:
@@ -199,7 +200,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], format: str 
             offset += gap
         entries.append((name, tensor.detach().contiguous()))
         offset += tensor.numel() * tensor.element_size()
-    header, offset = {"__metadata__": {"format": format}}, 0
+    header: dict[str, dict[str, object]] = {"__metadata__": {"format": format}}
+    offset = 0
     for name, tensor in entries:
         size = tensor.numel() * tensor.element_size()
         header[name] = {

@@ -304,11 +304,11 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
                 k: v for k, v in decode.items() if k.startswith(f"decode {kind}/") and k.endswith(f" {activation}")
             }
             if timed:
-                picks[kind] = min(timed, key=timed.get)
+                picks[kind] = min(timed, key=timed.__getitem__)
         if len(picks) == len(kinds) and f"attention {activation}/{activation}" in decode:
             cost[activation] = decode[f"attention {activation}/{activation}"] + sum(decode[k] for k in picks.values())
             choice[activation] = {kind: label.split("/")[1].split(" ")[0] for kind, label in picks.items()}
-    activation = min(cost, key=cost.get) if cost else "float32"
+    activation = min(cost, key=cost.__getitem__) if cost else "float32"
     dtype = ACTIVATIONS[activation]
 
     def promising(kind: str, name: str) -> bool:
@@ -333,7 +333,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     for kind in kinds:
         fast = choice.get(activation, {}).get(kind, KINDS[kind].decode)
         timed = {k: v for k, v in prefill.items() if k.startswith(f"prefill {kind}/")}
-        slow = min(timed, key=timed.get).split("/")[1].split(" ")[0] if timed else fast
+        slow = min(timed, key=timed.__getitem__).split("/")[1].split(" ")[0] if timed else fast
         kernels[kind] = (fast, slow)
     timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **prefill}.items()}
     return Plan(kernels, activation, machine_key(scheme), timings, round(time.perf_counter() - began, 3))
