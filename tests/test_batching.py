@@ -324,28 +324,35 @@ def test_a_step_reads_chat_sized_prompts_whole_beside_the_decode_rows():
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_a_joining_prompt_is_read_in_one_step_and_answers_as_alone(memorized_model, tmp_path, quantize):
-    """Default (serve's) chunking: a prompt of up to a few hundred tokens joining a decoding batch gets its
-    first token after at most two steps of the others, and its greedy reply is byte-identical to the single engine's."""
+    """Default (serve's) chunking: a prompt of up to a few hundred tokens joining a decoding batch is read whole in
+    the first step that starts after it arrives, and its greedy reply is byte-identical to the single engine's.
+
+    Steps are recorded in the scheduler (what each pass fed), so a loaded machine cannot change the count."""
     local = _load(memorized_model, quantize, tmp_path)
     engine = BatchingEngine.wrap(local, parallel=3)
     prompts = _memorized_prompts(local.tokenizer)
     long_ids = max((p for p, _ in prompts), key=len)
-    others: list[float] = []
+    steps: list[tuple[float, list[tuple[list[int], int]]]] = []  # (start, [(prompt, ids fed)])
+    forward = engine._pass.forward
+
+    def recorded(rows):
+        steps.append((time.perf_counter(), [(sequence.prompt, len(ids)) for sequence, ids in rows]))
+        return forward(rows)
+
+    engine._pass.forward = recorded
     started = threading.Event()
-
-    def on_other(step: Step) -> None:
-        others.append(time.perf_counter())
-        started.set()
-
     background = Sampling(0.0, 1.0, 0, 1.0, 400, 0)
-    thread = threading.Thread(target=engine.generate, args=(long_ids + [5] * 40, background, on_other))
+    thread = threading.Thread(target=engine.generate, args=(long_ids + [5] * 40, background, lambda s: started.set()))
     thread.start()
     assert started.wait(60)
     wordy = (local.tokenizer.encode("".join(TINY_CORPUS)) * 4)[:250]
     for prompt_ids, answer in [*prompts[:4], (wordy, None)]:
-        submitted, first = time.perf_counter(), []
-        reply = engine.generate(prompt_ids, GREEDY, lambda step: first.append(time.perf_counter()))
-        assert sum(1 for t in others if submitted < t < first[0]) <= 2
+        submitted = time.perf_counter()
+        reply = engine.generate(prompt_ids, GREEDY)
+        after = [fed for began, fed in steps if began > submitted]
+        first = next(i for i, fed in enumerate(after) if any(p == prompt_ids for p, _ in fed))
+        assert first == 0, after[: first + 1]  # the first step that began after it arrived
+        assert (prompt_ids, len(prompt_ids)) in after[0]  # read whole, in that one step
         if answer is not None:
             assert (reply.text, reply.finish_reason) == (answer, "stop")
         assert reply.ids == _alone(local, prompt_ids, GREEDY).ids
