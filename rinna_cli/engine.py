@@ -11,8 +11,8 @@ import pickle
 import re
 import warnings
 from pathlib import Path
-from threading import Event, Thread
-from typing import Any, Callable, TypeVar
+from threading import Event
+from typing import Any, Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationConfig, StoppingCriteria
@@ -25,6 +25,7 @@ from rinna_cli.config import cache_dir as default_cache_dir
 from rinna_cli.contract import OnStep, Reply, Sampling, Step, Timing, ignore_step
 from rinna_cli.errors import ModelError, UsageError, is_out_of_memory
 from rinna_cli.hub import context_window, read_config
+from rinna_cli.interrupt import in_a_daemon_thread
 from rinna_cli.streamer import ReplyDecoder
 from rinna_cli.tokenizer import Tokenizer
 
@@ -209,8 +210,14 @@ class Engine:
         ``quantize`` "auto" means int8 weights on the CPU when no ``dtype`` is asked for; the int8
         weights are cached in ``cache_dir`` after the first start (see :mod:`rinna_cli.int8`).
         """
-        return _in_a_passing_thread(
-            lambda: cls._load(folder, name, tokenizer, device, dtype, quantize, cache_dir, progress)
+        # In a thread that ends with the load: with GNU OpenMP (torch's Linux wheels) each thread that
+        # runs a parallel kernel keeps its own team of workers until it ends, and loading runs many
+        # (quantizing, measuring the kernels). Left on the main thread, that team makes every parallel
+        # kernel of the thread that generates (the batching scheduler, serve's worker) wait for its
+        # workers to be woken. 2-core AMD EPYC (Zen 4), full-size int8 model, first start, generating
+        # on another thread: 3.9-4.3 tok/s after loading on the main thread, 5.1-5.7 loaded this way.
+        return in_a_daemon_thread(
+            lambda: cls._load(folder, name, tokenizer, device, dtype, quantize, cache_dir, progress), "rinna-load"
         )
 
     @classmethod
@@ -347,34 +354,3 @@ class Engine:
     def forget(self) -> None:
         """Drop the KV cache (the next prompt is prefilled whole)."""
         self._cache, self._cached_ids = None, []
-
-
-_T = TypeVar("_T")
-
-
-def _in_a_passing_thread(work: Callable[[], _T]) -> _T:
-    """``work()`` run in a thread that ends with it, so that loading leaves no OpenMP team behind.
-
-    With GNU OpenMP (torch's Linux wheels) each thread that runs a parallel kernel keeps its
-    own team of worker threads until it ends. Loading runs many (quantizing, measuring the
-    kernels); done on the main thread, its team stays, and with more OpenMP threads than cores
-    every parallel kernel of the thread that generates (the batching scheduler, serve's worker)
-    waits for its workers to be woken. Measured on a 2-core AMD EPYC (Zen 4), full-size int8 model,
-    first start, generating on another thread: 3.9-4.3 tok/s after loading on the main thread,
-    5.1-5.7 after loading here (a 200k-element multiply: 18 us on the only team, 66-97 us beside one).
-    """
-    done: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            done["value"] = work()
-        except BaseException as err:  # noqa: BLE001 - raised again on the calling thread
-            done["error"] = err
-
-    thread = Thread(target=run, name="rinna-load", daemon=True)  # daemon: Ctrl-C ends the command at once
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-    if "error" in done:
-        raise done["error"]
-    return done["value"]

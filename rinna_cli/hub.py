@@ -199,31 +199,17 @@ def _download(repo_id: str, names: list[str]) -> Path:
     The files come down in a daemon thread so that Ctrl-C ends the command at once: huggingface_hub's
     own thread pool (snapshot_download) would keep the process alive until the current file is done.
     """
-    import threading
+    from rinna_cli.interrupt import in_a_daemon_thread
 
-    done: dict = {}
-
-    def fetch() -> None:
-        try:
-            for name in names:
-                done["path"] = _fetch(repo_id, name)
-        except BaseException as err:  # handed to the waiting thread
-            done["error"] = err
-
-    worker = threading.Thread(target=fetch, name="rinna-download", daemon=True)
     with _hub_errors(repo_id):
-        worker.start()
         try:
-            while worker.is_alive():
-                worker.join(0.1)
+            paths = in_a_daemon_thread(lambda: [_fetch(repo_id, name) for name in names], "rinna-download")
         except KeyboardInterrupt:
             print(
                 f"rinna: download of {repo_id} interrupted; run the same command again to continue it", file=sys.stderr
             )
             raise
-        if "error" in done:
-            raise done["error"]
-    return Path(done["path"]).parent
+    return Path(paths[-1]).parent
 
 
 def _fetch(repo_id: str, name: str) -> str:

@@ -1,10 +1,14 @@
-"""Ctrl-C during generation: the first press asks the model to stop after the current token."""
+"""Ctrl-C: during generation the first press asks the model to stop after the current token; long work
+in a thread of its own (downloads, loading) ends at once."""
 
 from __future__ import annotations
 
 import signal
 import threading
 from contextlib import contextmanager
+from typing import Any, Callable, TypeVar
+
+_T = TypeVar("_T")
 
 
 @contextmanager
@@ -24,3 +28,26 @@ def sigint_sets(event: threading.Event):
         yield event
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def in_a_daemon_thread(work: Callable[[], _T], name: str) -> _T:
+    """``work()`` on a daemon thread that ends with it, waited for here: its result, or its exception raised here.
+
+    Ctrl-C interrupts the wait at once (a blocking call on the main thread would hold it until done)
+    and the process does not wait for the abandoned thread.
+    """
+    done: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            done["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - raised again on the waiting thread
+            done["error"] = err
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.1)
+    if "error" in done:
+        raise done["error"]
+    return done["value"]
