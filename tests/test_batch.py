@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
-import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -21,6 +18,7 @@ from rinna_cli.environment import Environment
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
 from tests.fixtures.memorized_data import CONVERSATIONS, NAME_Q
+from tests.helpers import RINNA, process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULTS = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=64, seed=0)
@@ -258,28 +256,14 @@ def test_run_keeps_parallel_calls_in_flight(tokenizer):
     assert [row["id"] for row in _rows(out.stream.getvalue())] == [1, 2, 3, 4, 5, 6]
 
 
-SCRIPT = textwrap.dedent(
-    """
-    import sys
-    sys.path.insert(0, {root!r})
-    from pathlib import Path
-    from rinna_cli import batch, config
-    from rinna_cli.environment import Environment
-    settings = config.load({{"model": {model!r}, "temperature": 0.0, "max_new_tokens": {tokens}}})
-    out = Path(sys.argv[2]) if len(sys.argv) > 2 else None
-    sys.exit(batch.batch(Environment(), settings, sys.argv[1], out, int(sys.argv[3]) if len(sys.argv) > 3 else 2))
-    """
-)
-
-
-def _script(tmp_path: Path, model: Path, tokens: int) -> Path:
-    path = tmp_path / "job.py"
-    path.write_text(SCRIPT.format(root=str(ROOT), model=str(model), tokens=tokens))
-    return path
+def _job(source: Path, out: Path, model: Path, tokens: int) -> list[str]:
+    """The real ``rinna batch`` (float32: no first-start quantizing in each process)."""
+    return [*RINNA, "batch", str(source), "-o", str(out), "--model", str(model), "-t", "0", "-n", str(tokens),
+            "--quantize", "none", "--parallel", "2"]  # fmt: skip
 
 
 def _job_env(tmp_path: Path) -> dict:
-    return {**os.environ, "RINNA_CLI_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1"}
+    return process_env(tmp_path / "hf", tmp_path / "home", OMP_NUM_THREADS="1")
 
 
 def _wait_for_rows(out: Path, count: int, process, limit: float = 120) -> None:
@@ -292,16 +276,13 @@ def _wait_for_rows(out: Path, count: int, process, limit: float = 120) -> None:
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill"])
-def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path, how):
+def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path, how, run_cli):
     """Ctrl-C (exit 130) or SIGKILL mid-run: OUT holds whole rows only; the rerun adds the rest, none twice."""
-    script = _script(tmp_path, tiny_model, tokens=200)
     source = tmp_path / "in.txt"
     source.write_text("".join(f"吾輩は猫である。{i}\n" for i in range(8)), encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    process = subprocess.Popen(
-        [sys.executable, str(script), str(source), str(out)], env=_job_env(tmp_path),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+    command = _job(source, out, tiny_model, tokens=200)
+    process = subprocess.Popen(command, env=_job_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_rows(out, 1, process)
     process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)
@@ -309,26 +290,22 @@ def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path
     kept = _rows(out.read_text(encoding="utf-8"))
     assert out.read_bytes().endswith(b"\n") and 1 <= len(kept) < 8
     assert all(row["finish_reason"] in ("stop", "length") for row in kept)
-    rerun = subprocess.run(
-        [sys.executable, str(script), str(source), str(out)], env=_job_env(tmp_path), capture_output=True, timeout=300
-    )
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = run_cli(*command[len(RINNA) :], stdin=None)  # the same command again (in this process)
+    assert (rerun.code, rerun.stdout, rerun.stderr) == (0, "", "")
     final = _rows(out.read_text(encoding="utf-8"))
     assert [row["id"] for row in final] == list(range(1, 9))
     assert [row for row in final if row["id"] in {r["id"] for r in kept}] == sorted(kept, key=lambda row: row["id"])
-    assert rerun.stdout == b"" and rerun.stderr == b""
 
 
 def test_progress_bar_on_a_terminal(memorized_model, tmp_path):
     pexpect = pytest.importorskip("pexpect")
-    script = _script(tmp_path, memorized_model, tokens=64)
     source = tmp_path / "in.txt"
     source.write_text(f"{SIGHT_Q}\n{MOUNT_Q}\n\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
+    command = _job(source, out, memorized_model, tokens=64)
     child = pexpect.spawn(
-        sys.executable, [str(script), str(source), str(out)], env=_job_env(tmp_path), encoding="utf-8", timeout=120,
-        dimensions=(24, 120),
-    )  # fmt: skip
+        command[0], command[1:], env=_job_env(tmp_path), encoding="utf-8", timeout=120, dimensions=(24, 120)
+    )
     child.expect(pexpect.EOF)
     child.close()
     shown = child.before
@@ -338,17 +315,13 @@ def test_progress_bar_on_a_terminal(memorized_model, tmp_path):
     assert [row.get("reply") for row in _rows(out.read_text(encoding="utf-8"))] == [SIGHT_A, MOUNT_A, None]
 
 
-def test_rinna_batch_command(memorized_model, tmp_path):
-    """The command end to end: FILE, -o OUT, --parallel, ask's options; exit 1 when a line failed."""
+def test_rinna_batch_command(memorized_model, tmp_path, run_cli):
+    """The command (in this process, int8 by default): FILE, -o OUT, --parallel, ask's options; exit 1 when a line failed."""
     source = tmp_path / "in.txt"
     source.write_text(INPUT, encoding="utf-8")
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, "-m", "rinna_cli", "batch", str(source), "-o", str(out), "--parallel", "3"]
-    done = subprocess.run(
-        [*command, "--model", str(memorized_model), "-t", "0", "-n", "64"], env=_job_env(tmp_path),
-        capture_output=True, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 1, done.stderr
-    assert done.stdout == b""
-    assert done.stderr.decode() == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
+    done = run_cli("batch", str(source), "-o", str(out), "--parallel", "3", "--model", str(memorized_model), "-t", "0",
+                   "-n", "64", stdin=None)  # fmt: skip
+    assert (done.code, done.stdout) == (1, ""), done.stderr
+    assert done.stderr == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
     assert _rows(out.read_text(encoding="utf-8")) == EXPECTED

@@ -29,7 +29,8 @@ TIMEOUT = 90
 
 
 def make_env(home: Path) -> dict:
-    return process_env(home / "hf", home, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # float32: no first-start quantizing and kernel measuring per process (test_int8 and test_ask cover int8)
+    return process_env(home / "hf", home, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", RINNA_QUANTIZE="none")
 
 
 def chat_args(model: Path, *extra: str) -> list[str]:
@@ -210,9 +211,10 @@ def test_killed_chat_keeps_every_completed_turn(piped):
     assert [(t.speaker, t.text) for t in store.load_transcript(piped["transcript"]).turns] == [(USER, TARO[0]), (SYSTEM, TARO[1])]
 
 
-def test_resume_and_load_continue_the_conversation(piped, memorized_model, tmp_path):
-    """A session log continued with ``--load`` (to the end of input), and a transcript (ended by SIGTERM after
-    its reply) at once. ``--resume`` alone would not take the log: it was written by a piped run."""
+def test_resume_and_load_continue_the_conversation(piped, memorized_model, tmp_path, run_cli, monkeypatch):
+    """A transcript continued with ``--load`` (a process ended by SIGTERM after its reply), and a session log
+    continued to the end of input (in this process). ``--resume`` alone would not take the log: a piped run
+    wrote it."""
     home = piped["home"]
     (original,) = session_files(home)
     before = original.read_bytes()
@@ -225,12 +227,13 @@ def test_resume_and_load_continue_the_conversation(piped, memorized_model, tmp_p
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     loading = open_chat(memorized_model, fresh, "--load", str(piped["transcript"]))
-    resuming = start(memorized_model, home, f"{NAME_Q}\n", "--load", str(original))
     shown = kill_after(loading, NAME_Q, "太郎さんです。", signal.SIGTERM)
-    (resumed,) = finish([resuming])
-    assert resumed.returncode == 0, resumed.stderr.decode()
-    assert resumed.stdout.decode() == "太郎さんです。\n"
-    assert f"continuing 2 turns from {original}" in resumed.stderr.decode()
+    monkeypatch.setenv("RINNA_CLI_HOME", str(home))
+    resumed = run_cli(*chat_args(memorized_model, "--load", str(original))[3:], stdin=f"{NAME_Q}\n".encode(),
+                      environ=make_env(home))  # fmt: skip
+    assert resumed.code == 0, resumed.stderr
+    assert resumed.stdout == "太郎さんです。\n"
+    assert f"continuing 2 turns from {original}" in resumed.stderr
     assert shown.decode() == "太郎さんです。\n"
     assert loading.returncode == 128 + signal.SIGTERM  # ended by its handler, not killed
     # The resumed conversation goes on in a new file of its own; the old one is left as it was.

@@ -40,7 +40,9 @@ def plain(text: str) -> str:
 
 
 def spawn(model: Path, home: Path, *extra: str):
-    environ = process_env(home / "hf", home, OMP_NUM_THREADS="1", TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
+    environ = process_env(
+        home / "hf", home, OMP_NUM_THREADS="1", TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", RINNA_QUANTIZE="none"
+    )  # float32: no first-start quantizing per process (test_int8 and test_ask cover int8)
     child = pexpect.spawn(
         sys.executable, ["-m", "rinna_cli", "chat", "--model", str(model), *extra],
         env=environ, cwd=str(home), dimensions=(30, 120), encoding="utf-8", timeout=TIMEOUT,
