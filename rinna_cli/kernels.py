@@ -10,9 +10,11 @@ and the KV cache), and the fastest of each is used. The :class:`Plan` is cached 
 to the quantized weights, keyed by what it depends on (:func:`machine_key`): a new CPU,
 torch or thread count plans again.
 
-A kernel is first run on small inputs in a child process (:func:`probe`): one that
+A kernel is first run on small inputs in a child process (:func:`start_probe`): one that
 is missing, raises, gives wrong results or crashes the process is left out, never fatal.
-Planning stops at :data:`BUDGET_S` and keeps the best measured so far.
+A probe that ran to its end is cached for the CPU and torch (:data:`PROBE_FILE`), so the
+next model's first start needs no child. Planning stops at :data:`BUDGET_S` and keeps the
+best measured so far.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from rinna_cli.int4 import Int4Linear
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
 PLAN_FORMAT = 1
+PROBE_FILE = "kernels-probe.json"  # in the cache folder, beside the schemes' folders
 BUDGET_S = 3.0  # measuring, on top of the probe (which runs while the weights are quantized)
 DECODE_ROWS, PREFILL_ROWS = 1, 48
 ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is timed at
@@ -178,6 +181,31 @@ def finish_probe(process: subprocess.Popen, timeout: float = 60.0) -> set[str]:
         kind, name, good = (line.split(":") + ["", "", ""])[:3]
         if good == "1":
             working.add(f"{kind}:{name}")
+    return working
+
+
+def _probe_key() -> dict:
+    """What the probe's answer depends on: the CPU and torch (not the scheme or the thread count)."""
+    return {k: v for k, v in machine_key("").items() if k not in ("scheme", "threads")}
+
+
+def cached_probe(cache_dir: Path) -> set[str] | None:
+    """The working kernels found by an earlier probe on this CPU and torch, if one was saved in ``cache_dir``."""
+    try:
+        data = json.loads((cache_dir / PROBE_FILE).read_text(encoding="utf-8"))
+        return set(data["working"]) if data["key"] == _probe_key() else None
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def probe_answer(process: subprocess.Popen, cache_dir: Path) -> set[str]:
+    """:func:`finish_probe`, saved in ``cache_dir`` when the child ran to its end (a crash is probed again)."""
+    working = finish_probe(process)
+    if process.returncode == 0:
+        try:
+            _write(cache_dir / PROBE_FILE, json.dumps({"key": _probe_key(), "working": sorted(working)}, indent=1))
+        except OSError:  # probed again next time
+            pass
     return working
 
 
@@ -349,6 +377,12 @@ def cached_plan(path: Path, scheme: str) -> Plan | None:
 
 
 def save_plan(path: Path, plan: Plan) -> None:
+    _write(path, plan.to_json())
+
+
+def _write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` at once (a temporary file renamed), so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(plan.to_json(), encoding="utf-8")
+    temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)

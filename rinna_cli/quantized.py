@@ -1,8 +1,9 @@
 """The quantized CPU model (``--quantize int8`` or ``int4``): one entry point for the engine.
 
 First start: the checkpoint is quantized a layer at a time into the cache (while a
-child process probes which kernels run, :func:`rinna_cli.kernels.start_probe`), then the
-kernels are measured on the loaded model and the plan is saved beside the weights.
+child process probes which kernels run, :func:`rinna_cli.kernels.start_probe`, once per
+CPU and torch), then the kernels are measured on the loaded model and the plan is saved
+beside the weights.
 Later starts memory-map the cached weights and read the plan; a plan made on another
 CPU, torch or thread count is measured again.
 """
@@ -53,6 +54,7 @@ def load_quantized(
     path = cache_dir / scheme / f"{int8.cache_key(folder, format)}.safetensors"
     plan_path = path.with_suffix(".plan.json")
     plan = plan or kernels.cached_plan(plan_path, scheme)
+    working = None if plan else kernels.cached_probe(cache_dir)
     loaded, probe = None, None
     if path.is_file():
         progress(f"loading {scheme} weights")
@@ -64,7 +66,7 @@ def load_quantized(
             path.unlink(missing_ok=True)
             model = _layout(scheme, config)[1]
     if loaded is None:
-        probe = None if plan else kernels.start_probe()  # runs while the weights are quantized
+        probe = None if plan or working is not None else kernels.start_probe()  # runs while they are quantized
         progress(f"quantizing to {scheme} (first start only)")
         try:
             checkpoint.quantize_into(files, model, path, format)
@@ -82,7 +84,9 @@ def load_quantized(
         loaded = int8.load(config, path, _layout(scheme, config)[1])
     if plan is None:
         progress("measuring the kernels (first start on this machine)")
-        plan = kernels.measure(loaded, scheme, kernels.finish_probe(probe or kernels.start_probe()))
+        if working is None:
+            working = kernels.probe_answer(probe or kernels.start_probe(), cache_dir)
+        plan = kernels.measure(loaded, scheme, working)
         try:
             kernels.save_plan(plan_path, plan)
         except OSError:  # the weights are cached: a plan that cannot be saved is measured again next time

@@ -21,9 +21,15 @@ from tests.fixtures.models import TINY_CORPUS
 GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, max_new_tokens=64, seed=0)
 
 
-def _load(folder, quantize: str, tmp_path) -> Engine:
+def _load(folder, quantize: str, cache) -> Engine:
     dtype = "float32" if quantize == "none" else "auto"
-    return Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, quantize, cache_dir=tmp_path)
+    return Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, quantize, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One int8 cache for the module: each model is quantized and its kernels measured once."""
+    return tmp_path_factory.mktemp("int8-cache")
 
 
 def _alone(engine: Engine, prompt_ids: list[int], sampling: Sampling):
@@ -60,12 +66,12 @@ def _memorized_prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_memorized_replies_are_exact_in_a_batch(memorized_model, tmp_path, quantize):
+def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize):
     """All memorized prompts, 3 in flight, each joining as another leaves: each reply is the memorized one, as alone.
 
     Default chunking (what serve uses): these prompts are read whole, beside the others' decode rows.
     """
-    local = _load(memorized_model, quantize, tmp_path)
+    local = _load(memorized_model, quantize, cache)
     engine = BatchingEngine.wrap(local, parallel=3)
     prompts = _memorized_prompts(local.tokenizer)
     replies = _concurrently(engine, [p for p, _ in prompts], [GREEDY] * len(prompts))
@@ -82,12 +88,12 @@ def test_memorized_replies_are_exact_in_a_batch(memorized_model, tmp_path, quant
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_random_model_ids_match_the_single_engine(tiny_model, tmp_path, quantize):
+def test_random_model_ids_match_the_single_engine(tiny_model, cache, quantize):
     """12 prompts of different lengths, 5 in flight: greedy, repetition penalty and seeded sampling ids as alone.
 
     Not chunked: a chunk of a prompt may take another int8 kernel than the whole prompt (fewer rows).
     """
-    local = _load(tiny_model, quantize, tmp_path)
+    local = _load(tiny_model, quantize, cache)
     engine = BatchingEngine.wrap(local, parallel=5)
     prompts = [local.tokenizer.encode(TINY_CORPUS[i % len(TINY_CORPUS)] * (1 + i % 3)) for i in range(12)]
     samplings = [
@@ -323,12 +329,12 @@ def test_a_step_reads_chat_sized_prompts_whole_beside_the_decode_rows():
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_a_joining_prompt_is_read_in_one_step_and_answers_as_alone(memorized_model, tmp_path, quantize):
+def test_a_joining_prompt_is_read_in_one_step_and_answers_as_alone(memorized_model, cache, quantize):
     """Default (serve's) chunking: a prompt of up to a few hundred tokens joining a decoding batch is read whole in
     the first step that starts after it arrives, and its greedy reply is byte-identical to the single engine's.
 
     Steps are recorded in the scheduler (what each pass fed), so a loaded machine cannot change the count."""
-    local = _load(memorized_model, quantize, tmp_path)
+    local = _load(memorized_model, quantize, cache)
     engine = BatchingEngine.wrap(local, parallel=3)
     prompts = _memorized_prompts(local.tokenizer)
     long_ids = max((p for p, _ in prompts), key=len)

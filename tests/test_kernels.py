@@ -51,6 +51,31 @@ def test_a_crash_in_the_probe_loses_only_the_kernels_not_yet_reported():
     assert kernels.finish_probe(child) == {"int8:int_mm"}
 
 
+def test_a_probe_that_ran_to_its_end_serves_the_next_model_and_a_crash_is_probed_again(memorized_model, tmp_path, monkeypatch):
+    load(memorized_model, tmp_path, plan=None)
+    saved = json.loads((tmp_path / kernels.PROBE_FILE).read_text())
+    assert saved["key"] == {k: v for k, v in kernels.machine_key("int8").items() if k not in ("scheme", "threads")}
+    assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS} <= set(saved["working"])
+    other = tmp_path / "other"  # another model (another cache entry) on the same machine
+    other.mkdir()
+    for file in memorized_model.iterdir():
+        (other / file.name).symlink_to(file)
+
+    def no_child():
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(kernels, "start_probe", no_child)
+    _, plan = load(other, tmp_path, plan=None)
+    assert len(list((tmp_path / "int8").glob("*.plan.json"))) == 2 and plan.key == kernels.machine_key("int8")
+    saved["key"]["torch"] = "0.0"  # probed with another torch
+    (tmp_path / kernels.PROBE_FILE).write_text(json.dumps(saved))
+    assert kernels.cached_probe(tmp_path) is None
+    crashed = subprocess.Popen([sys.executable, "-c", "import os; print('int8:int_mm:1', flush=True); os.abort()"],
+                               stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert kernels.probe_answer(crashed, tmp_path) == {"int8:int_mm"}
+    assert kernels.cached_probe(tmp_path) is None  # not saved: the next first start probes again
+
+
 def test_measuring_picks_working_kernels_and_never_one_that_raises(memorized_model, tmp_path, monkeypatch):
     model, _ = load(memorized_model, tmp_path)
 
