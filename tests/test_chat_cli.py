@@ -20,6 +20,7 @@ import pytest
 
 from rinna_cli import store
 from rinna_cli.prompt import SYSTEM, USER
+from tests.fakes import run_cli
 from tests.helpers import process_env
 
 TARO = ("私の名前は太郎です。", "こんにちは、太郎さん。")
@@ -114,8 +115,9 @@ def kill_after(process: subprocess.Popen, line: str, reply: str, how: signal.Sig
 
 @pytest.fixture(scope="module")
 def piped(memorized_model, tmp_path_factory):
-    """Four chats at once: 太郎 and 花子 sharing one app dir, 花子 where no session can be saved,
-    and 太郎's first turn and a /save, killed (SIGKILL) as soon as the transcript is written."""
+    """Three chat processes at once: 太郎 and 花子 sharing one app dir, and 太郎's first turn and a /save,
+    killed (SIGKILL) as soon as the transcript is written; meanwhile in this process, 花子 where no session
+    can be saved."""
     shared = tmp_path_factory.mktemp("shared")
     broken = tmp_path_factory.mktemp("broken")
     (broken / "sessions").write_text("a file where the sessions folder should be")
@@ -125,10 +127,13 @@ def piped(memorized_model, tmp_path_factory):
     started = [
         start(memorized_model, shared, f"{TARO[0]}\n{NAME_Q}\n"),
         start(memorized_model, shared, f"{HANAKO[0]}\n{NAME_Q}\n"),
-        start(memorized_model, broken, f"{HANAKO[0]}\n{NAME_Q}\n"),
     ]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RINNA_CLI_HOME", str(broken))
+        unsaved = run_cli(*chat_args(memorized_model)[3:], stdin=f"{HANAKO[0]}\n{NAME_Q}\n".encode(),
+                          environ=make_env(broken))  # fmt: skip
     shown = kill_after(killed, f"{TARO[0]}\n/save {transcript}", TARO[1], signal.SIGKILL, transcript.exists)
-    taro, hanako, unsaved = finish(started)
+    taro, hanako = finish(started)
     return {"taro": taro, "hanako": hanako, "broken": unsaved, "killed": killed, "killed_stdout": shown,
             "shared": shared, "broken_home": broken, "home": first, "transcript": transcript}  # fmt: skip
 
@@ -164,9 +169,9 @@ def test_two_chats_at_once_keep_two_session_files(piped):
 
 def test_unsavable_session_warns_once_and_the_chat_goes_on(piped):
     result, home = piped["broken"], piped["broken_home"]
-    assert result.returncode == 0, result.stderr.decode()
-    assert result.stdout.decode() == "こんにちは、花子さん。\n花子さんです。\n"
-    stderr = result.stderr.decode()
+    assert result.code == 0, result.stderr
+    assert result.stdout == "こんにちは、花子さん。\n花子さんです。\n"
+    stderr = result.stderr
     assert stderr.count("warning") == 1
     assert f"rinna: warning: cannot autosave the conversation to {home / 'sessions'}" in stderr
     assert "use /save to keep it" in stderr and "Traceback" not in stderr

@@ -27,6 +27,7 @@ from rinna_cli.prompt import encode_newlines
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
 from tests.fixtures.memorized_data import BYTE_FALLBACK_CHARS, CONVERSATIONS
+from tests.fakes import run_cli
 from tests.helpers import RINNA, process_env
 
 openai = pytest.importorskip("openai")
@@ -110,19 +111,15 @@ def servers(memorized_model, tmp_path_factory):
     endless = make_endless(memorized_model, tmp_path_factory.mktemp("endless"))
     memorized = Served(env, base / "memorized.log", "--model", str(memorized_model))
     guarded = Served({**env, "RINNA_TEST_KEY": KEY}, base / "endless.log", "--model", str(endless), "--queue-size", "1", "--host", "0.0.0.0", "--api-key-env", "RINNA_TEST_KEY")  # fmt: skip
-    # The local engine's replies, for comparison, while the servers start.
-    local = subprocess.Popen(
-        [*RINNA, "chat", "--model", str(memorized_model), "-t", "0"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
-    )  # fmt: skip
     try:
+        # The local engine's replies (in this process), for comparison, while the servers start.
+        local = run_cli("chat", "--model", str(memorized_model), "-t", "0", stdin=CHAT_SCRIPT, environ=env)
+        assert local.code == 0, local.stderr
         memorized.wait_ready()
         guarded.wait_ready()
-        local_out, local_err = local.communicate(CHAT_SCRIPT, timeout=120)
-        assert local.returncode == 0, local_err.decode()
-        yield {"env": env, "memorized": memorized, "endless": guarded, "endless_model": endless, "local_chat": local_out}
+        yield {"env": env, "memorized": memorized, "endless": guarded, "endless_model": endless,
+               "local_chat": local.stdout.encode()}  # fmt: skip
     finally:
-        local.kill()
         memorized.stop()
         guarded.stop()
 
