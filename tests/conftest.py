@@ -11,6 +11,7 @@ Nothing here touches the network or the Hugging Face hub.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +24,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MEMORIZED_DIR = ROOT / "tests" / "fixtures" / "memorized"
+# `make test` runs one pytest-xdist worker per core: a second OpenMP thread in each would only
+# oversubscribe the cores (spinning waits). Set before torch is imported, which reads it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

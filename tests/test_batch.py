@@ -17,6 +17,7 @@ from rinna_cli.contract import Sampling
 from rinna_cli.environment import Environment
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
+from tests import prewarmed
 from tests.fixtures.memorized_data import CONVERSATIONS, NAME_Q
 from tests.helpers import RINNA, process_env
 
@@ -282,7 +283,7 @@ def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path
     source.write_text("".join(f"吾輩は猫である。{i}\n" for i in range(8)), encoding="utf-8")
     out = tmp_path / "out.jsonl"
     command = _job(source, out, tiny_model, tokens=200)
-    process = subprocess.Popen(command, env=_job_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = prewarmed.popen(command, env=_job_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _wait_for_rows(out, 1, process)
     process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     _, stderr = process.communicate(timeout=120)

@@ -20,6 +20,7 @@ import pytest
 
 from rinna_cli import store
 from rinna_cli.prompt import SYSTEM, USER
+from tests import prewarmed
 from tests.fakes import run_cli
 from tests.helpers import process_env
 
@@ -39,7 +40,7 @@ def chat_args(model: Path, *extra: str) -> list[str]:
 
 
 def start(model: Path, home: Path, text: str, *extra: str, cwd: Path | None = None) -> tuple[subprocess.Popen, bytes]:
-    process = subprocess.Popen(
+    process = prewarmed.popen(
         chat_args(model, *extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=make_env(home), cwd=cwd or home,
     )  # fmt: skip
@@ -85,7 +86,7 @@ def read_until(process: subprocess.Popen, expected: bytes, timeout: float = TIME
 
 def open_chat(model: Path, home: Path, *extra: str) -> subprocess.Popen:
     """A piped chat whose standard input stays open until the test closes it (or kills the chat)."""
-    return subprocess.Popen(
+    return prewarmed.popen(
         chat_args(model, *extra), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env=make_env(home), cwd=home,
     )  # fmt: skip
@@ -185,8 +186,8 @@ def test_unsavable_session_warns_once_and_the_chat_goes_on(piped):
 def test_load_of_a_bad_file_is_one_line(memorized_model, tmp_path, content, message):
     bad = tmp_path / "bad.json"
     bad.write_text(content, encoding="utf-8")
-    result = subprocess.run(
-        chat_args(memorized_model, "--load", str(bad)), input=b"hello\n", capture_output=True,
+    result = prewarmed.run(
+        chat_args(memorized_model, "--load", str(bad)), input=b"hello\n",
         env=make_env(tmp_path), cwd=tmp_path, timeout=TIMEOUT,
     )  # fmt: skip
     stderr = result.stderr.decode()
@@ -197,8 +198,8 @@ def test_load_of_a_bad_file_is_one_line(memorized_model, tmp_path, content, mess
 
 
 def test_resume_with_no_session_is_an_error(memorized_model, tmp_path):
-    result = subprocess.run(
-        chat_args(memorized_model, "--resume"), input=b"", capture_output=True, env=make_env(tmp_path),
+    result = prewarmed.run(
+        chat_args(memorized_model, "--resume"), input=b"", env=make_env(tmp_path),
         cwd=tmp_path, timeout=TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 1
@@ -223,8 +224,8 @@ def test_resume_and_load_continue_the_conversation(piped, memorized_model, tmp_p
     home = piped["home"]
     (original,) = session_files(home)
     before = original.read_bytes()
-    not_resumed = subprocess.run(
-        chat_args(memorized_model, "--resume"), input=b"", capture_output=True, env=make_env(home), cwd=home,
+    not_resumed = prewarmed.run(
+        chat_args(memorized_model, "--resume"), input=b"", env=make_env(home), cwd=home,
         timeout=TIMEOUT,
     )  # fmt: skip
     assert not_resumed.returncode == 1

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from rinna_cli.hub import DEMO_MODEL
+from tests import prewarmed
 from tests.fixtures.memorized_data import CONVERSATIONS
 from tests.hubserver import HubServer, Repo
 
@@ -97,8 +98,8 @@ def env(tmp_path, server) -> dict:
 
 
 def rinna(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*RINNA, *args], stdin=subprocess.DEVNULL, capture_output=True, env=env, cwd=ROOT, timeout=180
+    return prewarmed.run(
+        [*RINNA, *args], stdin=subprocess.DEVNULL, env=env, cwd=ROOT, timeout=180
     )
 
 
@@ -223,7 +224,7 @@ def test_a_dropped_connection_resumes_where_it_stopped(hub, env):
 
 def test_ctrl_c_during_the_download_is_safe_and_the_next_run_continues_the_file(hub, env):
     hub.hold["model.safetensors"] = 11 << 20  # past the first 10 MB chunk, which is on disk by then
-    proc = subprocess.Popen(
+    proc = prewarmed.popen(
         [*RINNA, "ask", "--model", "rinna/demo-large", "-t", "0", QUESTION],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT,
     )  # fmt: skip

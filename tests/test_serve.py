@@ -26,8 +26,9 @@ import pytest
 from rinna_cli.prompt import encode_newlines
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
-from tests.fixtures.memorized_data import BYTE_FALLBACK_CHARS, CONVERSATIONS
+from tests import prewarmed
 from tests.fakes import run_cli
+from tests.fixtures.memorized_data import BYTE_FALLBACK_CHARS, CONVERSATIONS
 from tests.helpers import RINNA, process_env
 
 openai = pytest.importorskip("openai")
@@ -72,7 +73,7 @@ class Served:
 
     def __init__(self, env: dict, log: Path, *args: str):
         self.log = log
-        self.proc = subprocess.Popen(
+        self.proc = prewarmed.popen(
             [*RINNA, "serve", "--port", "0", *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env=env, cwd=ROOT,
         )  # fmt: skip
