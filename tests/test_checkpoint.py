@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file
 
 from benchmarks import model as bench_model
 from rinna_cli import checkpoint
+from tests import prewarmed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,14 +90,9 @@ def _first_start(full_width: Path, tmp_path: Path, file: str) -> tuple[int, int,
     source.mkdir()
     (source / "config.json").write_text((full_width / "config.json").read_text())
     (source / name).symlink_to(full_width / file)
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD, str(source), name, str(tmp_path / "cache")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    done = prewarmed.run([sys.executable, "-c", _CHILD, str(source), name, str(tmp_path / "cache")], cwd=ROOT)
+    assert done.returncode == 0, done.stderr.decode()
+    measured = json.loads(done.stdout.decode().strip().splitlines()[-1])
     (cache,) = (tmp_path / "cache" / "int8").glob("*.safetensors")
     layer = 2 * sum(s.numel() for k, s in load_file(str(full_width / "model.safetensors")).items() if ".layers.0." in k)
     return measured["peak"] - measured["before"], cache.stat().st_size, layer
