@@ -42,7 +42,9 @@ def child(job, fds):
             os.close(fd)
     for name, fd, mode in (("stdin", 0, "rb"), ("stdout", 1, "wb"), ("stderr", 2, "wb")):  # as Python makes them
         old = getattr(sys, name)
-        stream = io.TextIOWrapper(io.open(fd, mode, closefd=False), encoding=old.encoding, errors=old.errors,
+        unbuffered = fd > 0 and old.write_through  # PYTHONUNBUFFERED
+        binary = io.open(fd, mode, buffering=0 if unbuffered else -1, closefd=False)
+        stream = io.TextIOWrapper(binary, encoding=old.encoding, errors=old.errors, write_through=unbuffered,
                                   line_buffering=fd == 2 or (fd == 1 and os.isatty(1)))
         setattr(sys, name, stream)
         setattr(sys, f"__{name}__", stream)
