@@ -138,8 +138,9 @@ class BatchingEngine:
 
         Setting ``stop`` ends this sequence only, after the step in progress (or, while its
         prompt is being prefilled, before its first token); since ``on_step`` runs here while
-        the batch goes on, a token more than ``on_step`` had seen may come. An exception from
-        ``on_step`` stops the sequence and is raised here.
+        the batch goes on, the tokens of steps it had not yet seen still come (one on an idle
+        machine, more where this thread waits for a core). An exception from ``on_step`` stops
+        the sequence and is raised here.
         """
         if not prompt_ids:
             raise UsageError("empty prompt")
