@@ -10,8 +10,9 @@ and this process is a child subreaper, so the child becomes this process's own c
 ``wait`` works as usual.
 
 There is one server per value of what a process reads at start (Python's and OpenMP's
-variables). Not for runs whose point is the executable's start (what it imports) or a
-terminal (pexpect): those exec ``rinna`` as usual.
+variables). :func:`spawn` does the same for pexpect, on a new pty that becomes the child's
+controlling terminal. Not for runs whose point is the executable's start (what it imports):
+those exec ``rinna`` as usual.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ def child(job, fds):
     for fd in set(fds):
         if fd > 2:
             os.close(fd)
+    if job.get("terminal"):  # the pty becomes the controlling terminal, as pty.fork makes it
+        import fcntl, termios
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     for name, fd, mode in (("stdin", 0, "rb"), ("stdout", 1, "wb"), ("stderr", 2, "wb")):  # as Python makes them
         old = getattr(sys, name)
         unbuffered = fd > 0 and old.write_through  # PYTHONUNBUFFERED
@@ -203,6 +207,32 @@ class _Forked(subprocess.Popen):
 def popen(args: list[str], **kwargs) -> subprocess.Popen:
     """``subprocess.Popen(args, **kwargs)``, forked from a prewarmed server where this platform allows it."""
     return _Forked(args, **kwargs) if _is_subreaper() else subprocess.Popen(args, **kwargs)
+
+
+def spawn(command: str, args: list[str], *, dimensions: tuple[int, int] = (24, 80), **kwargs):
+    """``pexpect.spawn(command, args, ...)`` whose child, on a new pty, is forked from a prewarmed server."""
+    import fcntl
+    import struct
+    import termios
+
+    import pexpect
+    import ptyprocess
+
+    class Spawned(pexpect.spawn):
+        def _spawnpty(self, argv, env=None, cwd=None, **_):
+            master, terminal = os.openpty()
+            fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", *dimensions, 0, 0))
+            argv = [a.decode() if isinstance(a, bytes) else a for a in argv]
+            environ = dict(os.environ if env is None else env)
+            job = {**_job(argv), "env": environ, "cwd": str(cwd or os.getcwd()), "new_session": True, "terminal": True}
+            try:
+                pid = _server(environ).fork(job, [terminal] * 3)
+            finally:
+                os.close(terminal)
+            return ptyprocess.PtyProcess(pid, master)
+
+    kind = Spawned if _is_subreaper() else pexpect.spawn
+    return kind(command, args, dimensions=dimensions, **kwargs)
 
 
 def run(args: list[str], *, input: bytes | None = None, timeout: float | None = None, **kwargs):

@@ -38,6 +38,7 @@ from rinna_cli.inputs import check_text, compose_question, escaped, read_stdin
 from rinna_cli.prompt import encode_newlines
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
+from tests import prewarmed
 from tests.fixtures.memorized_data import (
     BYTE_FALLBACK_CHARS,
     CONVERSATIONS,
@@ -360,9 +361,9 @@ def slow(request, env, memorized_model) -> dict:
     if selected & on_the_memorized_model:
         _quantized_once(env, memorized_model)
     if "test_reply_on_a_terminal" in selected:
-        # pexpect forks in Python: spawned here, before the pool's threads exist; read by the test.
-        pexpect = pytest.importorskip("pexpect")
-        jobs["pty"] = pexpect.spawn(
+        # on a pty of its own (forked by the prewarmed server); read by the test
+        pytest.importorskip("pexpect")
+        jobs["pty"] = prewarmed.spawn(
             RINNA[0], [*RINNA[1:], "ask", "--model", model, "-t", "0", FOOD_Q],
             env=env, cwd=str(ROOT), dimensions=(24, 120), timeout=300,
         )  # fmt: skip

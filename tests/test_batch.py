@@ -304,7 +304,7 @@ def test_progress_bar_on_a_terminal(memorized_model, tmp_path):
     source.write_text(f"{SIGHT_Q}\n{MOUNT_Q}\n\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     command = _job(source, out, memorized_model, tokens=64)
-    child = pexpect.spawn(
+    child = prewarmed.spawn(
         command[0], command[1:], env=_job_env(tmp_path), encoding="utf-8", timeout=120, dimensions=(24, 120)
     )
     child.expect(pexpect.EOF)

@@ -25,6 +25,7 @@ pexpect = pytest.importorskip("pexpect")
 
 from rinna_cli import store  # noqa: E402
 from rinna_cli.prompt import SYSTEM, USER  # noqa: E402
+from tests import prewarmed  # noqa: E402
 from tests.helpers import process_env  # noqa: E402
 
 TIMEOUT = 60
@@ -43,7 +44,7 @@ def spawn(model: Path, home: Path, *extra: str):
     environ = process_env(
         home / "hf", home, OMP_NUM_THREADS="1", TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1", RINNA_QUANTIZE="none"
     )  # float32: no first-start quantizing per process (test_int8 and test_ask cover int8)
-    child = pexpect.spawn(
+    child = prewarmed.spawn(
         sys.executable, ["-m", "rinna_cli", "chat", "--model", str(model), *extra],
         env=environ, cwd=str(home), dimensions=(30, 120), encoding="utf-8", timeout=TIMEOUT,
     )  # fmt: skip

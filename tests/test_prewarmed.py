@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from tests import prewarmed
 from tests.fixtures.memorized_data import CONVERSATIONS
 from tests.helpers import RINNA, ROOT, process_env
@@ -49,3 +51,15 @@ def test_rinna_gives_the_bytes_of_the_executable(memorized_model, tmp_path):
     assert forked.stdout == real.stdout == f"{answer}\n".encode()
     counts = [result.stderr.decode().splitlines()[-1].split(", first token")[0] for result in (forked, real)]
     assert counts[0] == counts[1] and counts[0].endswith("prefilled)")  # the --stats line up to its timings
+
+
+def test_a_pty_child_has_it_as_its_controlling_terminal(tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    code = "import os, shutil, time; print(os.isatty(0), os.getsid(0) == os.getpid(), shutil.get_terminal_size()); time.sleep(60)"
+    child = prewarmed.spawn(sys.executable, ["-c", code], env=process_env(tmp_path / "hf", tmp_path / "home"),
+                            dimensions=(30, 100), encoding="utf-8", timeout=60)  # fmt: skip
+    child.expect(r"True True os\.terminal_size\(columns=100, lines=30\)")
+    child.sendintr()  # ^C on the terminal: SIGINT to its foreground group
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.signalstatus == signal.SIGINT
