@@ -18,6 +18,7 @@ those exec ``rinna`` as usual.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import socket
@@ -41,7 +42,7 @@ def child(job, fds):
     for fd in set(fds):
         if fd > 2:
             os.close(fd)
-    if job.get("terminal"):  # the pty becomes the controlling terminal, as pty.fork makes it
+    if job["terminal"]:  # the pty becomes the controlling terminal, as pty.fork makes it
         import fcntl, termios
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     for name, fd, mode in (("stdin", 0, "rb"), ("stdout", 1, "wb"), ("stderr", 2, "wb")):  # as Python makes them
@@ -117,7 +118,8 @@ while True:
 
 
 class _Server:
-    """One forking server (started on first use) for one value of the startup variables."""
+    """One forking server (started on first use) for one value of the startup variables; it ends when this
+    process does (its socket closes)."""
 
     def __init__(self, env: dict):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -138,34 +140,34 @@ class _Server:
             raise RuntimeError("the prewarmed server died")
         return json.loads(answer)["pid"]
 
-    def close(self) -> None:
-        self.socket.close()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
 
 _servers: dict[tuple, _Server] = {}
-_subreaper: list[bool] = []
 
 
+@functools.cache
 def _is_subreaper() -> bool:
-    if not _subreaper:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            _subreaper.append(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-        except (OSError, AttributeError):
-            _subreaper.append(False)
-    return _subreaper[0]
+    """Make this process the subreaper of its descendants (once); False where the platform cannot."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
-def _server(env: dict) -> _Server:
-    key = tuple(sorted((k, v) for k, v in env.items() if k.startswith(_STARTUP_PREFIXES)))
+def _fork(argv: list, env: dict | None, cwd, fds: list[int], new_session: bool, terminal: bool = False) -> int:
+    """Have the server for ``env``'s startup variables run ``argv`` with ``fds`` as its 0-2; the child's pid."""
+    environ = dict(os.environ if env is None else env)
+    argv = [a.decode() if isinstance(a, bytes) else a for a in argv]
+    job = {
+        **_job(argv),
+        "env": environ,
+        "cwd": str(cwd or os.getcwd()),
+        "new_session": new_session,
+        "terminal": terminal,
+    }
+    key = tuple(sorted((k, v) for k, v in environ.items() if k.startswith(_STARTUP_PREFIXES)))
     if key not in _servers:
-        _servers[key] = _Server({k: v for k, v in env.items() if k.startswith(_STARTUP_PREFIXES) or k == "PATH"})
-    return _servers[key]
+        _servers[key] = _Server({k: v for k, v in environ.items() if k.startswith(_STARTUP_PREFIXES) or k == "PATH"})
+    return _servers[key].fork(job, fds)
 
 
 def _job(args: list[str]) -> dict:
@@ -191,14 +193,12 @@ class _Forked(subprocess.Popen):
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
                        creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite, *_):  # fmt: skip
         try:
-            environ = dict(os.environ if env is None else env)
-            job = {**_job(list(args)), "env": environ, "cwd": str(cwd or os.getcwd()), "new_session": self._new_session}
             fds = [
                 p2cread if p2cread != -1 else 0,
                 c2pwrite if c2pwrite != -1 else 1,
                 errwrite if errwrite != -1 else 2,
             ]
-            self.pid = _server(environ).fork(job, fds)
+            self.pid = _fork(list(args), env, cwd, fds, self._new_session)
             self._child_created = True
         finally:
             self._close_pipe_fds(p2cread, p2cwrite, c2pread, c2pwrite, errread, errwrite)
@@ -222,11 +222,8 @@ def spawn(command: str, args: list[str], *, dimensions: tuple[int, int] = (24, 8
         def _spawnpty(self, argv, env=None, cwd=None, **_):
             master, terminal = os.openpty()
             fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", *dimensions, 0, 0))
-            argv = [a.decode() if isinstance(a, bytes) else a for a in argv]
-            environ = dict(os.environ if env is None else env)
-            job = {**_job(argv), "env": environ, "cwd": str(cwd or os.getcwd()), "new_session": True, "terminal": True}
             try:
-                pid = _server(environ).fork(job, [terminal] * 3)
+                pid = _fork(argv, env, cwd, [terminal] * 3, new_session=True, terminal=True)
             finally:
                 os.close(terminal)
             return ptyprocess.PtyProcess(pid, master)
@@ -248,9 +245,3 @@ def run(args: list[str], *, input: bytes | None = None, timeout: float | None = 
             process.kill()
             raise
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def close_all() -> None:
-    for server in _servers.values():
-        server.close()
-    _servers.clear()
