@@ -3,7 +3,12 @@
 ``python benchmarks/matmul.py [OUT IN]`` (default 11264 2816, rinna's MLP input): 8 copies of the matrix
 (more than an L3 cache) are cycled, best of 3 passes; relative errors against float32 first.
 """
-import time, torch, sys
+import sys, time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 torch.manual_seed(0)
 torch.set_num_threads(2)
 N, K = int(sys.argv[1]) if len(sys.argv) > 1 else 11264, int(sys.argv[2]) if len(sys.argv) > 2 else 2816
