@@ -1,89 +1,82 @@
 """One weight matrix, out of cache, through each CPU kernel: ms per call at 1, 2, 4, 8 and 48 rows.
 
 ``python benchmarks/matmul.py [OUT IN]`` (default 11264 2816, rinna's MLP input): 8 copies of the matrix
-(more than an L3 cache) are cycled, best of 3 passes; relative errors against float32 first.
+(more than an L3 cache) are cycled, best of 3 passes; relative errors against float32 first. The
+candidates are the project's own kernels (``Int8Linear.KERNELS``, ``Int4Linear.KERNELS``) plus two that
+it does not use: oneDNN bfloat16 dense and ``onednn::qlinear_pointwise`` on prepacked int8 weights.
 """
-import sys, time
+
+import sys
+import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-torch.manual_seed(0)
-torch.set_num_threads(2)
-N, K = int(sys.argv[1]) if len(sys.argv) > 1 else 11264, int(sys.argv[2]) if len(sys.argv) > 2 else 2816
-COPIES = 8
-rows_list = [1, 2, 4, 8, 48]
-w = [torch.randn(N, K) * 0.02 for _ in range(COPIES)]
-q = []; s = []
-for m in w:
-    sc = m.abs().amax(1).clamp(min=1e-8) / 127
-    q.append(torch.round(m / sc[:, None]).to(torch.int8)); s.append(sc)
-def bench(name, fn, rows):
-    x = torch.randn(rows, K)
+from rinna_cli.int4 import Int4Linear  # noqa: E402
+from rinna_cli.int8 import Int8Linear  # noqa: E402
+
+COPIES, ROWS = 8, (1, 2, 4, 8, 48)
+
+
+def main(out_features: int, in_features: int) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    linears = [nn.Linear(in_features, out_features, bias=False) for _ in range(COPIES)]
+    int8 = [Int8Linear.quantize(linear) for linear in linears]
+    int4 = [Int4Linear.quantize(linear) for linear in linears]
+    dense = [linear.weight.detach().to(torch.bfloat16) for linear in linears]
+    candidates = {name: (kernel, int8) for name, kernel in Int8Linear.KERNELS.items() if name != "dequant"}
+    candidates |= {name: (kernel, int4) for name, kernel in Int4Linear.KERNELS.items() if not name.endswith("_f32")}
+    candidates["bf16 dense"] = (lambda weight, x: nn.functional.linear(x.to(torch.bfloat16), weight), dense)
+    try:
+        packed = [(torch.ops.onednn.qlinear_prepack(m.weight, None), m.scale) for m in int8]
+        zeros = torch.zeros(out_features, dtype=torch.int64)
+
+        def onednn(pair, x):
+            """int8 activations with the per-token scale applied after (x_scale 1), as ``_int_mm`` does."""
+            step = x.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
+            q = torch.round(x / step).to(torch.int8)
+            w, scale = pair
+            return (
+                torch.ops.onednn.qlinear_pointwise(
+                    q, 1.0, 0, w, scale, zeros, None, 1.0, 0, torch.float32, "none", [], ""
+                )
+                * step
+            )
+
+        candidates["onednn qlinear"] = (onednn, packed)
+    except Exception as error:  # noqa: BLE001 - a torch without oneDNN's int8 ops
+        print("onednn qlinear: unavailable:", error)
+
+    x = torch.randn(3, in_features)
+    want = linears[0](x)
     with torch.inference_mode():
-        for i in range(COPIES): fn(i, x)
-        best = 1e9
-        for r in range(3):
-            t = time.perf_counter()
-            for i in range(COPIES): fn(i, x)
-            best = min(best, (time.perf_counter() - t) / COPIES)
+        for name, (kernel, weights) in candidates.items():
+            got = kernel(weights[0], x).float()
+            print(f"{name}: relative error {((got - want).norm() / want.norm()).item():.4f}")
+        print(f"{out_features} x {in_features}, ms per matrix at rows {ROWS}")
+        for name, (kernel, weights) in candidates.items():
+            print(
+                f"{name:16s}",
+                "  ".join(f"{_time(kernel, weights, rows, in_features):7.2f}" for rows in ROWS),
+                flush=True,
+            )
+
+
+def _time(kernel, weights, rows: int, in_features: int) -> float:
+    x = torch.randn(rows, in_features)
+    for weight in weights:
+        kernel(weight, x)
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        for weight in weights:
+            kernel(weight, x)
+        best = min(best, (time.perf_counter() - began) / len(weights))
     return best * 1000
-# candidates
-def int_mm(i, x):
-    step = x.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
-    return torch._int_mm(torch.round(x / step).to(torch.int8), q[i].t()) * step * s[i]
-sb = [t.to(torch.bfloat16) for t in s]
-def int8pack(i, x):
-    return torch._weight_int8pack_mm(x.to(torch.bfloat16), q[i], sb[i])
-wb = [m.to(torch.bfloat16) for m in w]
-def bf16(i, x):
-    return torch.nn.functional.linear(x.to(torch.bfloat16), wb[i])
-packed = None
-try:
-    packed = [torch.ops.onednn.qlinear_prepack(qq, None) for qq in q]
-    zp = torch.zeros(N, dtype=torch.int64)
-    def onednn_s8(i, x):
-        step = x.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
-        qx = torch.round(x / step).to(torch.int8)
-        # per-token scale folded after: x_scale=1
-        y = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 0, packed[i], s[i], zp, None, 1.0, 0, torch.float32, "none", [], "")
-        return y * step
-    def onednn_u8(i, x):
-        step = x.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
-        qx = (torch.round(x / step) + 128).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed[i], s[i], zp, None, 1.0, 0, torch.float32, "none", [], "")
-        return y * step
-    def onednn_u8_bf16out(i, x):
-        step = x.abs().amax(1, keepdim=True).clamp(min=1e-8) / 127
-        qx = (torch.round(x / step) + 128).to(torch.uint8)
-        y = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed[i], s[i], zp, None, 1.0, 0, torch.bfloat16, "none", [], "")
-        return y * step
-except Exception as e:
-    print("onednn prepack failed", e)
-# int4
-try:
-    from rinna_cli.int4 import quantize_weight as q4
-    p4 = [q4(m, 128) for m in w]
-    def int4(i, x):
-        return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), p4[i][0], 128, p4[i][1])
-except Exception as e:
-    print("int4 failed", e); int4 = None
-cands = {"int_mm": int_mm, "int8pack_bf16": int8pack, "bf16_dense": bf16}
-if packed: cands.update(onednn_s8=onednn_s8, onednn_u8=onednn_u8, onednn_u8_bf16out=onednn_u8_bf16out)
-if int4: cands["int4pack"] = int4
-# check correctness
-x = torch.randn(3, K)
-ref = x @ w[0].t()
-for n, f in cands.items():
-    try:
-        with torch.inference_mode(): y = f(0, x).float()
-        print(f"{n}: rel err {((y-ref).norm()/ref.norm()).item():.4f}")
-    except Exception as e:
-        print(n, "ERR", str(e)[:200])
-print("shape", N, K, "ms per matrix; rows:", rows_list)
-for n, f in cands.items():
-    try:
-        print(f"{n:20s}", "  ".join(f"{bench(n, f, r):7.2f}" for r in rows_list), flush=True)
-    except Exception as e:
-        print(n, "ERR", str(e)[:200])
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]) if len(sys.argv) > 2 else (11264, 2816))
