@@ -2,10 +2,11 @@
 
 Quantizing must never hold the full-precision model: rinna's 3.6 B parameters are
 7.2 GB in float16. Each layer's tensors are taken from a memory mapping of their own
-that is closed before the next layer is read, so resident memory holds the quantized
-result and one layer. A pickle is read with torch's ``weights_only`` loader (plain
-tensors only, never code) and ``mmap=True``, which maps the file and reads a tensor's
-bytes only when it is used; the mapping is dropped with the last tensor of the layer.
+that is closed before the next layer is read, and its quantized tensors are written to
+the cache file at once, so resident memory holds about one layer. A pickle is read with
+torch's ``weights_only`` loader (plain tensors only, never code) and ``mmap=True``,
+which maps the file and reads a tensor's bytes only when it is used; the mapping is
+dropped with the last tensor of the layer.
 The heap freed by each layer's temporaries is given back to the system before the next.
 """
 
@@ -84,29 +85,27 @@ def quantize_into(files: list[Path], model: nn.Module, path: Path, format: str) 
     """Quantize the checkpoint into a cache file for ``model`` (built on the meta device), a layer at a time.
 
     A weight whose module has ``tensors(name, weight)`` (a quantized linear layer) is stored
-    as that method returns; every other tensor the model holds as float32.
+    as that method returns; every other tensor the model holds as float32. Each layer is
+    written as soon as it is quantized, so memory holds one layer, not the cache.
     """
-    from rinna_cli.int8 import ACTIVATION_DTYPE, PAD, write_safetensors
+    from rinna_cli.int8 import PAD, SafetensorsWriter
 
     modules = dict(model.named_modules())
     quantized = {f"{name}.weight": module for name, module in modules.items() if hasattr(module, "tensors")}
-    wanted = set(model.state_dict()) | set(quantized)
-    state: dict[str, torch.Tensor] = {}
-    for group in layers(files, wanted):
-        for name, tensor in group.items():
-            if name in quantized:
-                state.update(quantized[name].tensors(name.removesuffix(".weight"), tensor))
-            else:
-                state[name] = tensor.to(ACTIVATION_DTYPE, copy=True)
-        group.clear()
-        return_freed_memory()
-    needed = {key for key in model.state_dict() if not key.startswith(PAD)}
-    missing = sorted(needed - set(state))
-    if missing:
-        raise ValueError(f"the checkpoint lacks {len(missing)} of the model's tensors (e.g. {missing[0]})")
-    write_safetensors(path, state, format)
-    state.clear()
-    return_freed_memory()
+    specs = {key: (t.dtype, tuple(t.shape)) for key, t in model.state_dict().items() if not key.startswith(PAD)}
+    with SafetensorsWriter(path, specs, format) as writer:
+        for group in layers(files, set(specs) | set(quantized)):
+            for name, tensor in group.items():
+                if name in quantized:
+                    for key, value in quantized[name].tensors(name.removesuffix(".weight"), tensor).items():
+                        writer.put(key, value)
+                else:
+                    writer.put(name, tensor)  # as float32, the model's dtype
+            group.clear()
+            return_freed_memory()
+        missing = writer.missing()
+        if missing:
+            raise ValueError(f"the checkpoint lacks {len(missing)} of the model's tensors (e.g. {missing[0]})")
 
 
 def return_freed_memory() -> None:

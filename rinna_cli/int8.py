@@ -4,7 +4,7 @@ Every ``nn.Linear`` (attention, MLP and the output head, 97 % of rinna's
 parameters) becomes an :class:`Int8Linear`: int8 weights with one scale per
 output channel (symmetric, absmax). Embeddings and layer norms stay in floating
 point. The quantized state dict is written once to a safetensors file in the
-cache directory (:func:`write_safetensors`, every tensor 64-byte aligned) and
+cache directory (:class:`SafetensorsWriter`, every tensor 64-byte aligned) and
 later starts memory-map it and use the tensors in place.
 
 Which kernel multiplies is not fixed here: :class:`QuantLinear` runs its
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -183,50 +184,83 @@ _ALIGN, PAD = 64, "__pad"
 _DTYPE_NAMES = {torch.uint8: "U8", torch.int8: "I8", torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], format: str = FORMAT) -> None:
-    """A safetensors file written tensor by tensor, atomically (temporary file, then rename).
+class SafetensorsWriter:
+    """A safetensors file laid out up front, its tensors written as they come (any order), renamed into place.
 
-    ``safetensors.torch.save_file`` first copies every tensor into a bytes object, which
-    would double the memory of a 3.6 GB model at its peak. Here every tensor starts at a
-    64-byte boundary of the file (small ``__pad`` tensors fill the gaps), so memory-mapped
-    it is aligned as torch's int8 and int4 kernels need and is used in place, never copied.
+    ``safetensors.torch.save_file`` wants every tensor at once and copies them all into a
+    bytes object; here a first start holds one layer's tensors at a time, whatever the
+    size of the model. Every tensor starts at a 64-byte boundary of the file (small
+    ``__pad`` tensors fill the gaps), so memory-mapped it is aligned as torch's int8 and
+    int4 kernels need and is used in place, never copied.
     """
-    entries: list[tuple[str, torch.Tensor]] = []
-    offset = 0
-    for name, tensor in tensors.items():
-        gap = -offset % _ALIGN
-        if gap:
-            entries.append((f"{PAD}{len(entries)}", torch.zeros(gap, dtype=torch.uint8)))
-            offset += gap
-        entries.append((name, tensor.detach().contiguous()))
-        offset += tensor.numel() * tensor.element_size()
-    header: dict[str, dict[str, object]] = {"__metadata__": {"format": format}}
-    offset = 0
-    for name, tensor in entries:
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {
-            "dtype": _DTYPE_NAMES[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            file.write(struct.pack("<Q", len(encoded)) + encoded)
-            for _, tensor in entries:
-                file.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
+    def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], format: str = FORMAT):
+        self.path, self.specs = path, specs
+        self.offsets: dict[str, int] = {}
+        header: dict[str, dict[str, object]] = {"__metadata__": {"format": format}}
+        offset = 0
+        for name, (dtype, shape) in specs.items():
+            gap = -offset % _ALIGN
+            if gap:
+                header[f"{PAD}{len(header)}"] = {"dtype": "U8", "shape": [gap], "data_offsets": [offset, offset + gap]}
+                offset += gap
+            size = math.prod(shape) * dtype.itemsize
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.offsets[name] = offset
+            offset += size
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-(8 + len(encoded)) % _ALIGN)
+        self.start, self.size = 8 + len(encoded), offset
+        self.head = struct.pack("<Q", len(encoded)) + encoded
+        self.written: set[str] = set()
+        self.temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
-def save(model: nn.Module, path: Path) -> None:
-    """Write the quantized model's state dict to the cache."""
-    write_safetensors(path, model.state_dict())
+    def __enter__(self) -> SafetensorsWriter:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            self._write(self.head, 0)
+            os.ftruncate(self.fd, self.start + self.size)
+        except BaseException:
+            os.close(self.fd)
+            self.temporary.unlink(missing_ok=True)
+            raise
+        return self
+
+    def missing(self) -> list[str]:
+        """The tensors of the layout not written yet."""
+        return [name for name in self.specs if name not in self.written]
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Write ``tensor`` where the layout put ``name``, a float one converted to the layout's dtype a slice at a
+        time (a whole float32 copy of rinna's embedding would be 0.36 GB); another shape is refused."""
+        if name not in self.specs:
+            raise ValueError(f"{name} is not one of the model's tensors")
+        dtype, shape = self.specs[name]
+        floats = tensor.is_floating_point() and dtype.is_floating_point
+        if tuple(tensor.shape) != shape or (tensor.dtype != dtype and not floats):
+            raise ValueError(f"{name} is {tensor.dtype} {tuple(tensor.shape)} where the model wants {dtype} {shape}")
+        flat, step, at = tensor.detach().reshape(-1), 2**22, self.start + self.offsets[name]
+        for start in range(0, flat.numel(), step):
+            piece = flat[start : start + step].to(dtype).contiguous()
+            self._write(memoryview(piece.view(torch.uint8).numpy()), at + start * dtype.itemsize)
+        self.written.add(name)
+
+    def _write(self, data: bytes | memoryview, position: int) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            done = os.pwrite(self.fd, view, position)
+            view, position = view[done:], position + done
+
+    def __exit__(self, kind, error, trace) -> None:
+        os.close(self.fd)
+        try:
+            if kind is None:
+                if self.missing():
+                    raise ValueError(f"{len(self.missing())} tensors were never written (e.g. {self.missing()[0]})")
+                os.replace(self.temporary, self.path)
+        finally:
+            self.temporary.unlink(missing_ok=True)
 
 
 def meta_model(config, choose: Callable[[str, nn.Linear], QuantLinear] | None = None) -> nn.Module:

@@ -111,6 +111,23 @@ def test_the_cache_is_aligned_and_holds_only_int8_linears(memorized_model, tmp_p
     assert "embed_out.weight" not in state
 
 
+def test_the_cache_writer_takes_tensors_in_any_order_and_refuses_a_wrong_or_missing_one(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    specs = {"a": (torch.int8, (3, 5)), "b": (torch.float32, (7,))}
+    with int8.SafetensorsWriter(path, specs) as writer:
+        writer.put("b", torch.arange(7, dtype=torch.float16))  # a float tensor becomes the layout's dtype
+        with pytest.raises(ValueError, match="a is torch.int8 \\(5, 3\\)"):
+            writer.put("a", torch.ones(5, 3, dtype=torch.int8))
+        writer.put("a", torch.full((3, 5), -2, dtype=torch.int8))
+    state = load_file(str(path))
+    assert state["b"].tolist() == list(range(7)) and state["b"].dtype == torch.float32
+    assert state["a"].tolist() == [[-2] * 5] * 3
+    with pytest.raises(ValueError, match="1 tensors were never written \\(e.g. b\\)"):
+        with int8.SafetensorsWriter(tmp_path / "half.safetensors", specs) as writer:
+            writer.put("a", torch.zeros(3, 5, dtype=torch.int8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache.safetensors"]  # nothing half-written is left
+
+
 def test_changed_weights_get_a_new_cache_entry(model_copy, tmp_path):
     cache = tmp_path / "cache"
     load(model_copy, cache)
