@@ -52,6 +52,14 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def rss() -> int:
+    """This process's resident set now (``VmRSS``): after a reply, what stays between prompts."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 def cpu_flags() -> tuple[str, list[str]]:
     """The CPU's name and the flags that decide the kernels (vector widths, BF16, AMX)."""
     from rinna_cli.kernels import cpu_identity
@@ -137,7 +145,7 @@ def worker_generate(args: dict) -> dict:
     run(2)  # warm-up
     ttft, rate = run(NEW_TOKENS)
     return {"load_s": load_s, "ttft_s": ttft, "decode_tok_s": rate, "plan": plan, "rss_loaded": rss_loaded,
-            "peak_rss": peak_rss()}
+            "peak_rss": peak_rss(), "rss_after": rss()}
 
 
 def worker_quality(args: dict) -> dict:
@@ -249,6 +257,7 @@ def markdown(results: dict) -> str:
         row(f"prefill of {results['prompt_tokens']} tokens (TTFT) s, per round", lambda rs: ", ".join(f"{r['ttft_s']:.2f}" for r in rs))
         row("RSS after load GB (last round)", lambda rs: f"{rs[-1]['rss_loaded'] / gb:.2f}")
         row("peak RSS GB (last round)", lambda rs: f"{rs[-1]['peak_rss'] / gb:.2f}")
+        row("RSS after the reply GB (last round)", lambda rs: f"{rs[-1]['rss_after'] / gb:.2f}" if "rss_after" in rs[-1] else "—")
         row("kernels", lambda rs: rs[-1]["plan"] or "oneDNN bfloat16")
         base = runs["bf16"]
         if base:

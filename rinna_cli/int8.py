@@ -58,10 +58,12 @@ class QuantLinear(nn.Module):
     """A linear layer over quantized weights: ``decode`` kernel for few rows, ``prefill`` for many.
 
     Subclasses list their kernels in ``KERNELS`` (name -> function of the module and a
-    2-D input); a kernel returns any float dtype, the output is cast to ``activation``.
+    2-D input) and those never worth running for one row in ``PREFILL_ONLY``; a kernel
+    returns any float dtype, the output is cast to ``activation``.
     """
 
     KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {}
+    PREFILL_ONLY: frozenset[str] = frozenset()
     decode = prefill = ""
     activation = ACTIVATION_DTYPE
 
@@ -93,11 +95,15 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, decode={self.decode}, prefill={self.prefill}"
 
 
-def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
-    """Per-token dynamic int8 activations (absmax) times int8 weights, int32 sums (``torch._int_mm``)."""
+def int_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic int8 activations (absmax) times int8 ``weight`` (out, in), int32 sums (``torch._int_mm``)."""
     rows = rows.float()
     step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-    return torch._int_mm(torch.round(rows / step).to(torch.int8), module.weight.t()) * step * module.scale
+    return torch._int_mm(torch.round(rows / step).to(torch.int8), weight.t()) * step * scale
+
+
+def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
+    return int_mm(rows, module.weight, module.scale)
 
 
 def _int8pack(dtype: torch.dtype):
@@ -127,6 +133,7 @@ class Int8Linear(QuantLinear):
         "int8pack_f32": _int8pack(torch.float32),
         "dequant": _dequant(torch.bfloat16),
     }
+    PREFILL_ONLY = frozenset({"dequant"})  # dequantizing a whole matrix per call never pays for one row
     # Until a plan is applied: the kernels that were fastest on the first CPU class measured (Zen 3).
     decode = prefill = "int_mm"
 

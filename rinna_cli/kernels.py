@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rinna_cli import mapped
 from rinna_cli.int4 import Int4Linear
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
@@ -43,7 +44,6 @@ DECODE_ROWS, PREFILL_ROWS = 1, 48
 ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is timed at
 ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
-PREFILL_ONLY = {"dequant"}  # dequantizing a whole matrix per call never pays for one row
 _SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU cache
 
 
@@ -126,7 +126,11 @@ def apply(model: nn.Module, plan: Plan) -> None:
     }
     for parameter in model.parameters():
         if id(parameter) not in quantized and parameter.is_floating_point() and parameter.dtype != dtype:
-            parameter.data = parameter.data.to(dtype)
+            source, parameter.data = parameter.data, parameter.data.to(dtype)
+            # The float32 embedding read from the cache (0.36 GB) would stay resident with its copy.
+            pages = mapped.file_pages(source) if source.numel() * source.element_size() >= 2**24 else None
+            if pages is not None:
+                pages.release()
 
 
 # --- probing in a child process ----------------------------------------------------------
@@ -135,6 +139,7 @@ _PROBE = r"""
 import sys, torch
 from torch import nn
 from rinna_cli.int8 import Int8Linear
+from rinna_cli import mapped
 from rinna_cli.int4 import Int4Linear
 torch.manual_seed(0)
 for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
@@ -319,7 +324,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         decode_runs[f"attention {activation}/{activation}"] = _attention_pass(model, dtype)
         for kind, modules in kinds.items():
             for name in names[kind]:
-                if name not in PREFILL_ONLY:
+                if name not in KINDS[kind].PREFILL_ONLY:
                     decode_runs[f"decode {kind}/{name} {activation}"] = _linear_pass(
                         modules, name, DECODE_ROWS, dtype, _SAMPLES
                     )
@@ -341,7 +346,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
 
     def promising(kind: str, name: str) -> bool:
         """Not far slower at one row than the fastest (float32 int4 was 7x slower at 1 row, 250x at 48)."""
-        if name in PREFILL_ONLY:
+        if name in KINDS[kind].PREFILL_ONLY:
             return True
         seconds = decode.get(f"decode {kind}/{name} {activation}")
         fastest = min(

@@ -121,3 +121,49 @@ def test_the_bound_fails_when_the_whole_checkpoint_is_read(full_width, tmp_path)
     """An old pickle cannot be mapped and is read whole: the same bound must catch that."""
     quantizing, _, cache, layer = _first_start(full_width, tmp_path, "old/pytorch_model.bin")
     assert quantizing > SLACK_LAYERS * layer, (quantizing, cache, layer)  # the float16 checkpoint (0.74 GB)
+
+
+_INT4_CHILD = r"""
+import json, re, sys, torch
+from pathlib import Path
+from transformers import AutoConfig
+from rinna_cli import kernels
+from rinna_cli.quantized import load_quantized
+def resident(path):  # bytes of the file at ``path`` resident in this process's mappings
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.rstrip().endswith(path)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+folder, cache = Path(sys.argv[1]), Path(sys.argv[2])
+config = AutoConfig.from_pretrained(folder)
+plan = kernels.Plan({"int4": ("int4pack_f32", "int_mm"), "int8": ("int8pack_f32", "int8pack_f32")}, "float32")
+model, _ = load_quantized(folder, [folder / "model.safetensors"], config, cache, "int4", plan=plan)
+(path,) = (cache / "int4").glob("*.safetensors")
+with torch.inference_mode():
+    out = model(torch.arange(5, 55)[None], use_cache=True)
+    prefill = resident(str(path))
+    out = model(torch.tensor([[7]]), past_key_values=out.past_key_values, use_cache=True)
+    first = resident(str(path))
+    model(torch.tensor([[8]]), past_key_values=out.past_key_values, use_cache=True)
+    decode = resident(str(path))
+print(json.dumps({"prefill": prefill, "first": first, "decode": decode, "path": str(path)}))
+"""
+
+
+def test_int4_gives_back_its_prompt_copy_after_the_prompt(full_width, tmp_path):
+    """The int8 prompt copy is read for the prefill and dropped from memory at the second decode step."""
+    done = prewarmed.run([sys.executable, "-c", _INT4_CHILD, str(full_width), str(tmp_path / "cache")], cwd=ROOT)
+    assert done.returncode == 0, done.stderr.decode()
+    measured = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    state = load_file(measured["path"])
+    def size(*suffixes: str) -> int:
+        return sum(t.numel() * t.element_size() for k, t in state.items() if k.endswith(suffixes))
+
+    prompt, int4 = size(".prompt_weight"), size(".weight", ".scales_zeros") - size("lm_head.weight", "embed_in.weight")
+    assert prompt == 2 * 12 * 2816 * 2816  # int8, two layers of four linears
+    # decoding reads the int4 weights (the prefill read the prompt copy instead); the second step drops the copy
+    assert measured["first"] >= measured["prefill"] + 0.95 * int4, (measured, prompt, int4)
+    assert measured["decode"] <= measured["prefill"] + int4 - 0.95 * prompt, (measured, prompt, int4)

@@ -57,13 +57,36 @@ def test_the_memorized_replies_hold_with_int4(memorized_model, tmp_path, kernel,
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 
 
-def test_the_int4_cache_is_half_the_int8_weights_and_keyed_by_the_packed_layout(memorized_model, tmp_path, monkeypatch):
+def test_the_prompt_copy_is_the_int4_weights_in_int8():
+    torch.manual_seed(1)
+    linear = torch.nn.Linear(256, 64, bias=False)
+    module = int4.Int4Linear.quantize(linear)
+    assert module.PREFILL_ONLY == {"int_mm"} and module.prompt_weight.dtype == torch.int8
+    module.decode = module.prefill = "int4pack_f32"
+    int4_weights = module(torch.eye(256)).t()
+    copy = module.prompt_weight.float() * module.prompt_scale[:, None]
+    step = int4_weights.abs().amax(dim=1, keepdim=True) / 127
+    assert ((copy - int4_weights).abs() <= step * 0.5 + 1e-6).all()  # within int8 rounding of the int4 values
+    assert not ((copy - linear.weight).abs() <= step * 0.5 + 1e-6).all()  # and not the original weights
+
+
+def test_a_prompt_through_the_int8_copy_and_decoding_in_int4_give_the_memorized_replies(memorized_model, tmp_path):
+    mixed = kernels.Plan({"int4": ("int4pack_f32", "int_mm"), "int8": ("int8pack", "int8pack")}, "float32")
+    model, _ = load(memorized_model, tmp_path, mixed)
+    assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
+
+
+def test_the_int4_cache_holds_packed_codes_and_the_prompt_copy_keyed_by_the_packed_layout(
+    memorized_model, tmp_path, monkeypatch
+):
     load(memorized_model, tmp_path, plan("int4pack", "float32"))
     (path,) = (tmp_path / "int4").glob("*.safetensors")
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad")}
     packed = state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
     assert packed.dtype == torch.uint8 and packed.shape == (128, 32)  # two 4-bit codes per byte
     assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.scales_zeros"].shape == (1, 128, 2)
+    assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.prompt_weight"].shape == (128, 64)
+    assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.prompt_scale"].shape == (128,)
     assert state["lm_head.weight"].dtype == torch.int8
     config = AutoConfig.from_pretrained(memorized_model)
     assert cache_path(memorized_model, "int4", tmp_path, config) == path
