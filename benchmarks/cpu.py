@@ -144,8 +144,20 @@ def worker_generate(args: dict) -> dict:
 
     run(2)  # warm-up
     ttft, rate = run(NEW_TOKENS)
-    return {"load_s": load_s, "ttft_s": ttft, "decode_tok_s": rate, "plan": plan, "rss_loaded": rss_loaded,
-            "peak_rss": peak_rss(), "rss_after": rss()}
+    result = {"load_s": load_s, "ttft_s": ttft, "decode_tok_s": rate, "plan": plan, "rss_loaded": rss_loaded,
+              "peak_rss": peak_rss(), "rss_after": rss()}
+    if args["path"] != "bf16":  # what `rinna ask` runs: the engine, its growing KV cache (no torch.cat per token)
+        from rinna_cli.contract import Sampling
+        from rinna_cli.engine import Engine
+        from rinna_cli.tokenizer import Tokenizer
+
+        engine = Engine(model, Tokenizer.from_folder(folder), "bench", 2048)
+        for tokens in (2, NEW_TOKENS):
+            engine.forget()
+            reply = engine.generate(args["prompt_ids"], Sampling(0.0, 1.0, 0, 1.0, tokens, 0))
+        result |= {"engine_ttft_s": reply.ttft_s, "engine_tok_s": reply.tokens_per_s,
+                   "engine_tokens": reply.completion_tokens, "engine_rss_after": rss()}
+    return result
 
 
 def worker_quality(args: dict) -> dict:
@@ -257,7 +269,13 @@ def markdown(results: dict) -> str:
         row(f"prefill of {results['prompt_tokens']} tokens (TTFT) s, per round", lambda rs: ", ".join(f"{r['ttft_s']:.2f}" for r in rs))
         row("RSS after load GB (last round)", lambda rs: f"{rs[-1]['rss_loaded'] / gb:.2f}")
         row("peak RSS GB (last round)", lambda rs: f"{rs[-1]['peak_rss'] / gb:.2f}")
+        row("rinna-cli engine (`rinna ask`): decode tok/s, per round",
+            lambda rs: ", ".join(f"{r['engine_tok_s']:.2f}" for r in rs) if "engine_tok_s" in rs[-1] else "—")
+        row("rinna-cli engine: first token s, per round",
+            lambda rs: ", ".join(f"{r['engine_ttft_s']:.2f}" for r in rs) if "engine_ttft_s" in rs[-1] else "—")
         row("RSS after the reply GB (last round)", lambda rs: f"{rs[-1]['rss_after'] / gb:.2f}" if "rss_after" in rs[-1] else "—")
+        row("RSS after the engine's reply GB (last round)",
+            lambda rs: f"{rs[-1]['engine_rss_after'] / gb:.2f}" if "engine_rss_after" in rs[-1] else "—")
         row("kernels", lambda rs: rs[-1]["plan"] or "oneDNN bfloat16")
         base = runs["bf16"]
         if base:

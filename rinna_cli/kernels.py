@@ -45,6 +45,7 @@ ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is 
 ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 _SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU cache
+_HOPELESS = 10  # a kernel this many times slower than the fastest after the warm-up is not timed again
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,11 @@ def _race(runs: dict, deadline: float, rounds: int = 5) -> dict[str, float]:
     A run returns {shape: (seconds, count in the model)}; its estimate is the sum of each
     shape's fastest seconds times its count, so a busy moment (other processes) in one
     round spoils one shape of one round only. Round 0 is a warm-up (torch builds its
-    kernels per shape) and is used only for what no later round measured. After round
-    2 a run more than 3x slower than the fastest of its group (the label up to ``/``)
-    is dropped; a run that raises is left out.
+    kernels per shape) and is used only for what no later round measured. A run more
+    than :data:`_HOPELESS` times slower than the fastest of its group (the label up to
+    ``/``) is dropped after the warm-up (float32 int4 was 40x slower than bfloat16 on an
+    AVX-512 Xeon without BF16, and took most of the budget), one more than 3x slower
+    after round 2; a run that raises is left out.
     """
     warm: dict[str, dict] = {}
     fastest: dict[str, dict] = {}
@@ -298,10 +301,11 @@ def _race(runs: dict, deadline: float, rounds: int = 5) -> dict[str, float]:
                 best[shape] = (min(seconds, best.get(shape, (seconds, count))[0]), count)
         if time.perf_counter() > deadline:
             break
-        if round_ >= 2:
+        if round_ == 0 or round_ >= 2:
             for label in list(alive):
                 group = label.split("/")[0]
-                if estimate(label) > 3 * min(estimate(k) for k in warm if k.split("/")[0] == group):
+                fastest_of_group = min(estimate(k) for k in warm if k.split("/")[0] == group)
+                if estimate(label) > (3 if round_ else _HOPELESS) * fastest_of_group:
                     alive.pop(label)
     return {label: estimate(label) for label in warm}
 

@@ -92,6 +92,23 @@ def test_measuring_picks_working_kernels_and_never_one_that_raises(memorized_mod
     assert any(label.startswith("prefill int8/") for label in plan.timings_ms)
 
 
+def test_the_race_stops_timing_hopeless_kernels_after_the_warm_up_and_slow_ones_after_round_two():
+    calls: dict[str, int] = {}
+
+    def run(label: str, seconds: float):
+        def timed() -> dict:
+            calls[label] = calls.get(label, 0) + 1
+            return {"shape": (seconds, 10)}
+
+        return timed
+
+    runs = {"decode/fast": run("fast", 0.001), "decode/close": run("close", 0.002)}
+    runs |= {"decode/slow": run("slow", 0.005), "decode/hopeless": run("hopeless", 0.02), "other/alone": run("alone", 1.0)}
+    estimates = kernels._race(runs, deadline=float("inf"), rounds=5)
+    assert calls == {"fast": 6, "close": 6, "slow": 3, "hopeless": 1, "alone": 6}  # warm-up and 5 rounds
+    assert estimates["decode/fast"] == pytest.approx(0.01) and estimates["decode/hopeless"] == pytest.approx(0.2)
+
+
 def test_no_budget_left_means_the_defaults(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path)
     plan = kernels.measure(model, "int8", None, budget_s=0.0)
