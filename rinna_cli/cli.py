@@ -281,18 +281,25 @@ def serve(
     queue_size: Annotated[
         int, typer.Option(help="Requests that may wait while --parallel replies are generated; more get HTTP 429.")
     ] = 4,
-    parallel: Annotated[int, typer.Option(help="Replies generated at once (batched); 1 = one at a time.")] = 1,
+    parallel: Annotated[
+        Optional[int],
+        typer.Option(
+            help="Replies generated at once (batched); 1 = one at a time, byte-identical to rinna ask. "
+            "\\[default: 4 on local weights]",
+            show_default=False,
+        ),
+    ] = None,
     served_model_name: Annotated[
         Optional[str],
         typer.Option(
-            help="The model's name in /v1/models and answers; requests may name any model. [default: the --model given]"
+            help="The model's name in /v1/models and answers; requests may name any model. \\[default: the --model given]"
         ),
     ] = None,
     system_messages: Annotated[
         Optional[str],
         typer.Option(
             help="reject | merge: a system message gets HTTP 400, or its text (then a blank line) starts the next "
-            "user message. [default: the config's system_messages, reject]"
+            "user message. \\[default: the config's system_messages, reject]"
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access-log line per request on stderr.")] = False,

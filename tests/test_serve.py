@@ -2,8 +2,9 @@
 
 Two servers start together when the module starts (each imports torch and
 loads a tiny model): the memorized model on a free loopback port, and an
-"endless" copy of it (it never emits ``</s>``) with an API key and a queue of
-one, for auth, overflow and disconnect tests. A local ``rinna chat`` runs
+"endless" copy of it (it never emits ``</s>``) with an API key, ``--parallel 1`` and
+a queue of one, for auth, overflow and disconnect tests; the first runs with the
+default ``--parallel`` (4 on local weights: the batching engine). A local ``rinna chat`` runs
 alongside, so that the replies through the server are compared byte for byte
 with the local engine's.
 """
@@ -111,7 +112,7 @@ def servers(memorized_model, tmp_path_factory):
     env = make_env(base)
     endless = make_endless(memorized_model, tmp_path_factory.mktemp("endless"))
     memorized = Served(env, base / "memorized.log", "--model", str(memorized_model))
-    guarded = Served({**env, "RINNA_TEST_KEY": KEY}, base / "endless.log", "--model", str(endless), "--queue-size", "1", "--host", "0.0.0.0", "--api-key-env", "RINNA_TEST_KEY")  # fmt: skip
+    guarded = Served({**env, "RINNA_TEST_KEY": KEY}, base / "endless.log", "--model", str(endless), "--parallel", "1", "--queue-size", "1", "--host", "0.0.0.0", "--api-key-env", "RINNA_TEST_KEY")  # fmt: skip
     try:
         # The local engine's replies (in this process), for comparison, while the servers start.
         local = run_cli("chat", "--model", str(memorized_model), "-t", "0", stdin=CHAT_SCRIPT, environ=env)
@@ -294,7 +295,7 @@ def test_banners_and_the_access_log(servers, memorized_model):
     assert request(memorized.port, "GET", "/v1/models")[0] == 200
     log = wait_for(lambda: (text := memorized.log.read_text()).count("GET /v1/models 200") and text, "the access line")
     assert re.search(rf"^\d\d:\d\d:\d\d 127\.0\.0\.1:\d+ GET /v1/models 200 \d+\.\d\d s$", log, re.M)
-    assert re.fullmatch(rf"rinna serve: {re.escape(str(memorized_model))} on cpu \(\w+\) at {memorized.url} · Ctrl-C to stop", log.splitlines()[0])
+    assert re.fullmatch(rf"rinna serve: {re.escape(str(memorized_model))} on cpu \(\w+\) at {memorized.url}; up to 4 replies at once · Ctrl-C to stop", log.splitlines()[0])
     banner = endless.log.read_text().splitlines()[0]
     assert f"at {endless.url}; listening on all interfaces (0.0.0.0); from other machines: http://" in banner
     assert "http://0.0.0.0" not in banner and "Traceback" not in log

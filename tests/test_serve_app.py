@@ -388,6 +388,12 @@ def test_random_requests_never_get_a_server_error(memorized_tokenizer):
     assert seen.get(200, 0) > 20 and seen.get(400, 0) > 100  # both kinds were exercised
 
 
+def test_parallel_defaults_to_one_for_an_engine_that_is_not_local_weights(scripted_engine):
+    from rinna_cli.serve.command import batching
+
+    assert batching(scripted_engine, None) == (scripted_engine, 1)
+    assert batching(scripted_engine, 3) == (scripted_engine, 3)  # e.g. a remote engine takes concurrent calls
+
 
 def test_parallel_with_the_local_model_batches_and_keeps_greedy_replies(memorized_model):
     """The real engine behind --parallel 2: the batching engine; each greedy reply is the memorized one."""

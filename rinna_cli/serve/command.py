@@ -18,6 +18,10 @@ if TYPE_CHECKING:
     from rinna_cli.serve.jobs import State
 
 MAX_PARALLEL = 64  # generate calls the server runs at once at most
+# --parallel's default on local weights: 4 concurrent clients got x1.7-2.1 the aggregate tokens/s of one
+# at a time at full size (Zen 5, AVX-512 Xeon; docs/benchmarks.md), each still streaming at half the
+# speed of one alone; at 8 each client's stream drops to under half. Other engines take one at a time.
+DEFAULT_PARALLEL = 4
 
 
 def is_loopback(host: str) -> bool:
@@ -83,18 +87,21 @@ def _api_key(env: Environment, host: str, api_key_env: str | None) -> str | None
     return key
 
 
-def batching(engine: Engine, parallel: int) -> Engine:
-    """An engine that takes ``parallel`` concurrent ``generate`` calls: the local one behind a batching engine.
+def batching(engine: Engine, parallel: int | None) -> tuple[Engine, int]:
+    """An engine that takes ``parallel`` concurrent ``generate`` calls (None: :data:`DEFAULT_PARALLEL` for
+    local weights, else 1), and that number: the local one behind a batching engine.
 
     Prompts are prefilled in chunks while others decode, so that a long prompt stalls the running
     replies for about a second at most. Any other engine (remote, scripted) is used as it is.
     """
     local = sys.modules.get("rinna_cli.engine")
-    if parallel > 1 and local is not None and isinstance(engine, local.Engine):
+    is_local = local is not None and isinstance(engine, local.Engine)
+    parallel = parallel or (DEFAULT_PARALLEL if is_local else 1)
+    if parallel > 1 and is_local:
         from rinna_cli.batching import BatchingEngine
 
-        return BatchingEngine.wrap(engine, parallel)
-    return engine
+        return BatchingEngine.wrap(engine, parallel), parallel
+    return engine, parallel
 
 
 @dataclass
@@ -137,7 +144,7 @@ def prepare(
     served_model_name: str | None = None,
     quiet: bool = False,
     system_messages: str | None = None,
-    parallel: int = 1,
+    parallel: int | None = None,
 ) -> Serving:
     """Check the options, listen, load the model: a :class:`Serving` to run."""
     api_key = _api_key(env, host, api_key_env)
@@ -145,7 +152,7 @@ def prepare(
         raise UsageError(f"--port {port} is out of range; allowed: 0 <= port <= 65535 (0 = a free one)")
     if not 0 <= queue_size <= 1000:
         raise UsageError(f"--queue-size {queue_size} is out of range; allowed: 0 <= queue_size <= 1000")
-    if not 1 <= parallel <= MAX_PARALLEL:
+    if parallel is not None and not 1 <= parallel <= MAX_PARALLEL:
         raise UsageError(f"--parallel {parallel} is out of range; allowed: 1 <= parallel <= {MAX_PARALLEL}")
     if served_model_name is not None and (
         not served_model_name.strip() or served_model_name != served_model_name.strip()
@@ -165,7 +172,7 @@ def prepare(
     try:
         tokenizer, window = model_files(settings)
         loaded = env.open_engine(env, replace(settings, endpoint=""), tokenizer, window)
-        engine = batching(loaded, parallel)
+        engine, parallel = batching(loaded, parallel)
     except BaseException:
         sock.close()
         raise
