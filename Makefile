@@ -38,6 +38,7 @@ clean:
 # Benchmarks (benchmarks/bench.py; docs/benchmarks.md says what they measure). `bench` builds
 # a random-weight model of rinna's full shape once (7.2 GB, cached in ~/.cache/rinna-cli-bench)
 # and writes its report into docs/benchmarks.md; `bench-quick` runs a 4-layer model and only prints.
+# LLAMA_CPP=<a built llama.cpp checkout> adds llama.cpp's Q8_0/Q4_0 figures (docs/benchmarks.md says how).
 .PHONY: bench bench-quick
 
 bench: install

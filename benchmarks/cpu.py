@@ -15,6 +15,9 @@ a fresh process of its own (``cpu.py --worker KIND ARGS``), so each peak RSS is 
   spread between rounds says how noisy the run was.
 * **quality**: for every linear layer, the relative error (Frobenius norm) of its output
   against float32 for 16 random N(0, 1) input rows, int8 and int4, from the checkpoint.
+* **llama.cpp**, where ``--llama-cpp DIR`` or ``$LLAMA_CPP`` names a checkout built with
+  ``llama-bench`` and ``llama-quantize``: the same model as Q8_0 and Q4_0 GGUF (made once),
+  ``llama-bench`` decode and prefill, and the engine's ratios to them.
 
 Ratios are reported as measured in this run; nothing is asserted.
 """
@@ -236,6 +239,39 @@ def write_pickle(folder: Path) -> Path:
     return target
 
 
+def llama_cpp(source: Path, folder: Path, threads: int, prompt_tokens: int) -> dict:
+    """llama.cpp's ``llama-bench`` on the same random model as Q8_0 and Q4_0: {"Q8_0": {"tg", "pp"}, ...} tokens/s.
+
+    ``source`` is a llama.cpp checkout built with ``llama-bench`` and ``llama-quantize`` in
+    ``build/bin``; the GGUF files are made once (benchmarks/llama_gguf.py), beside the model.
+    """
+    tools = source / "build" / "bin"
+    files = {kind: folder.parent / f"{folder.name}-{kind.lower()}.gguf" for kind in ("Q8_0", "Q4_0")}
+    for kind, path in files.items():
+        if path.is_file():
+            continue
+        part = path.with_suffix(".part")
+        if kind == "Q8_0":
+            command = [sys.executable, str(REPO / "benchmarks" / "llama_gguf.py"), str(source), str(part),
+                       "--layers", str(json.loads((folder / "config.json").read_text())["num_hidden_layers"])]
+        else:
+            command = [str(tools / "llama-quantize"), "--allow-requantize", str(files["Q8_0"]), str(part), kind]
+        log(f"llama.cpp: writing {path.name}")
+        subprocess.run(command, check=True, capture_output=True)
+        part.replace(path)
+    command = [str(tools / "llama-bench"), *(a for p in files.values() for a in ("-m", str(p))), "-t", str(threads),
+               "-p", str(prompt_tokens), "-n", str(NEW_TOKENS), "-r", "2", "-o", "json"]
+    log("llama.cpp: llama-bench")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # its AMX repack path crashed on the AMX Xeon
+        done = subprocess.run([*command, "--repack", "0"], capture_output=True, text=True, check=True)
+    kinds = {str(path): kind for kind, path in files.items()}
+    measured: dict = {}
+    for entry in json.loads(done.stdout):
+        measured.setdefault(kinds[entry["model_filename"]], {})["tg" if entry["n_gen"] else "pp"] = entry["avg_ts"]
+    return measured
+
+
 def _median(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -277,6 +313,19 @@ def markdown(results: dict) -> str:
         row("RSS after the engine's reply GB (last round)",
             lambda rs: f"{rs[-1]['engine_rss_after'] / gb:.2f}" if "engine_rss_after" in rs[-1] else "—")
         row("kernels", lambda rs: rs[-1]["plan"] or "oneDNN bfloat16")
+        llama = results.get("llama.cpp")
+        if llama:
+            lines += ["", f"llama.cpp ({results['llama.cpp source']}), `llama-bench -t {results['threads']} -p "
+                      f"{results['prompt_tokens']} -n {NEW_TOKENS} -r 2`: " + "; ".join(
+                          f"{kind} decode {v['tg']:.2f} tok/s, prefill of {results['prompt_tokens']} tokens "
+                          f"{results['prompt_tokens'] / v['pp']:.2f} s" for kind, v in llama.items())]
+            for path, kind in (("int8", "Q8_0"), ("int4", "Q4_0")):
+                engine = [r for r in runs[path] if "engine_tok_s" in r]
+                if engine and kind in llama:
+                    tg, ttft = llama[kind]["tg"], results["prompt_tokens"] / llama[kind]["pp"]
+                    lines.append(f"* rinna-cli {path} (engine) against llama.cpp {kind}, per round: decode ×"
+                                 + ", ×".join(f"{r['engine_tok_s'] / tg:.2f}" for r in engine) + "; prefill ×"
+                                 + ", ×".join(f"{ttft / r['engine_ttft_s']:.2f}" for r in engine))
         base = runs["bf16"]
         if base:
             lines.append("")
@@ -302,8 +351,11 @@ def log(message: str) -> None:
 
 
 def collect(layers: int = 36, rounds: int = 2, threads: int = 2, first: bool = True, pickle: bool = True,
-            quality: bool = True) -> dict:
-    """Every measurement of the module docstring, as a dict (``markdown`` words it)."""
+            quality: bool = True, llama: Path | None = None) -> dict:
+    """Every measurement of the module docstring, as a dict (``markdown`` words it); llama.cpp's too when
+    ``llama`` (default ``$LLAMA_CPP``) is a built llama.cpp checkout."""
+    if llama is None and os.environ.get("LLAMA_CPP"):
+        llama = Path(os.environ["LLAMA_CPP"])
     from benchmarks import model as bench_model
     from rinna_cli.prompt import USER, utterance
     from rinna_cli.tokenizer import Tokenizer
@@ -336,6 +388,9 @@ def collect(layers: int = 36, rounds: int = 2, threads: int = 2, first: bool = T
             outcome = run_worker("generate", {**base, "path": path, "prompt_ids": prompt_ids})
             results.setdefault(f"generate {path}", []).append(outcome)
             log(json.dumps(outcome)[:300])
+    if llama is not None:
+        results["llama.cpp source"] = str(llama)
+        results["llama.cpp"] = llama_cpp(llama, folder, threads, len(prompt_ids))
     if quality:
         log("layer errors")
         results["quality"] = run_worker("quality", base)
@@ -352,10 +407,11 @@ def main() -> int:
     parser.add_argument("--skip-pickle", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llama-cpp", type=Path, help="a built llama.cpp checkout to compare with [default: $LLAMA_CPP]")
     args = parser.parse_args()
 
     results = collect(args.layers, args.rounds, args.threads, not args.skip_first, not args.skip_pickle,
-                      not args.skip_quality)
+                      not args.skip_quality, args.llama_cpp)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(markdown(results))
