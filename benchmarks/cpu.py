@@ -44,23 +44,26 @@ PATHS = ("bf16", "int8", "int4")
 NEW_TOKENS = 32
 
 
-def peak_rss() -> int:
-    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would start at the parent's RSS at fork)."""
+def _status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in bytes; None where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak RSS: ``VmHWM`` (``ru_maxrss`` would start at the parent's RSS at fork)."""
+    peak = _status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def rss() -> int:
     """This process's resident set now (``VmRSS``): after a reply, what stays between prompts."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    return _status_bytes("VmRSS") or 0
 
 
 def cpu_flags() -> tuple[str, list[str]]:

@@ -4,7 +4,7 @@ A tensor loaded from the cache lives in a private mapping of the file: every pag
 touched counts in this process's RSS until told otherwise, although it is a clean copy
 of what the kernel's page cache holds anyway. ``madvise(MADV_DONTNEED)`` drops such
 pages from the process, and the next use faults them back from the page cache (on the
-Xeon 0.19 s for 3.5 GB, against 3.3 s from disk). Only a file's pages may be dropped
+AMX Xeon 0.19 s for 3.5 GB, against 3.3 s from disk). Only a file's pages may be dropped
 so: anonymous memory would read back as zeros, so :func:`file_pages` checks the
 mapping first (``/proc/self/maps``; elsewhere than Linux nothing is released).
 """
