@@ -190,7 +190,7 @@ def worker_quality(args: dict) -> dict:
                 if scheme == "int4" and (name.startswith("lm_head") or not int4.group_for(*reversed(weight.shape))):
                     continue
                 module = Int8Linear.quantize(linear) if scheme == "int8" else int4.Int4Linear.quantize(linear)
-                module.decode = module.prefill = "int8pack_f32" if scheme == "int8" else "int4pack"
+                module.decode = module.batch = module.prefill = "int8pack_f32" if scheme == "int8" else "int4pack"
                 got = module(x).float()
                 errors.setdefault(kind, {}).setdefault(scheme, []).append(((got - want).norm() / want.norm()).item())
     return {"errors": errors}

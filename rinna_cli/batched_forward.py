@@ -4,8 +4,8 @@ The layers are run from the loaded model's own modules (layer norms, linear laye
 whatever their kind, e.g. :class:`rinna_cli.int8.Int8Linear`, the rotary embedding), in
 transformers' order, so that the linear layers read the weights once for every row of
 the step. Every row is multiplied as it would be alone: where a quantized layer picks
-its kernel by row count (:class:`rinna_cli.int8.QuantLinear`) and the two kernels
-differ, the decode rows and each prompt's rows go through the layers as separate
+its kernel by row count (:class:`rinna_cli.int8.QuantLinear`) and the kernels can
+differ in their sums (``QuantLinear.rowwise``), the decode rows and each prompt's rows go through the layers as separate
 groups. Attention is per sequence: a prompt read whole uses the causal kernel from an
 empty cache, as the single engine does; a later chunk of a prompt is masked (offset by
 what is cached), which can round differently. Tokens are chosen with transformers'
@@ -110,7 +110,7 @@ class BatchedForward:
         embedding = self._base.embed_in.weight
         self._device, self._dtype = embedding.device, embedding.dtype
         # kernels chosen by row count: the rows of a step cannot all be multiplied together
-        self._grouped = any(isinstance(m, QuantLinear) and m.decode != m.prefill for m in model.modules())
+        self._grouped = any(isinstance(m, QuantLinear) and not m.rowwise() for m in model.modules())
 
     def start(self, sequence: Sequence) -> None:
         """A sequence enters the batch: its cache (room for its prompt and reply), generator and processors."""

@@ -189,7 +189,7 @@ class Engine:
         self.window = window
         self.device = str(model.device.type)
         self.dtype = str(model.dtype).removeprefix("torch.")
-        self.kernels = ""  # the quantized model's kernel plan, e.g. "int8 decode int8pack, prefill int_mm; bfloat16"
+        self.kernels = ""  # the kernel plan of a quantized model, e.g. "int8 decode int8dot, batch int8dot, ..."
         self._cache: DynamicCache | None = None
         self._cached_ids: list[int] = []
 

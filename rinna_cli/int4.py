@@ -107,7 +107,7 @@ class Int4Linear(QuantLinear):
         "int_mm": _prompt_int_mm,
     }
     PREFILL_ONLY = frozenset({"int_mm"})
-    decode = prefill = "int4pack"
+    decode = batch = prefill = "int4pack"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, group_size: int = GROUP_SIZE):
         super().__init__(in_features, out_features, bias, device)

@@ -26,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from rinna_cli import int8dot
+
 FORMAT = "rinna-cli-int8-v3"
 # The dtype of the float tensors in the cache (embeddings, layer norms, biases); the
 # plan converts them to its activation dtype when it is another (bfloat16).
@@ -55,16 +57,19 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class QuantLinear(nn.Module):
-    """A linear layer over quantized weights: ``decode`` kernel for few rows, ``prefill`` for many.
+    """A linear layer over quantized weights: ``decode`` kernel for one row, ``batch`` for a few, ``prefill`` for more.
 
     Subclasses list their kernels in ``KERNELS`` (name -> function of the module and a
-    2-D input) and those never worth running for one row in ``PREFILL_ONLY``; a kernel
-    returns any float dtype, the output is cast to ``activation``.
+    2-D input), those never worth running for one row in ``PREFILL_ONLY``, and in
+    ``SAME_SUMS`` those whose every output row is exactly the same whichever of them runs
+    (so a sequence decoding alone and in a batch gets the same reply); a kernel returns
+    any float dtype, the output is cast to ``activation``.
     """
 
     KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {}
     PREFILL_ONLY: frozenset[str] = frozenset()
-    decode = prefill = ""
+    SAME_SUMS: frozenset[str] = frozenset()
+    decode = batch = prefill = ""
     activation = ACTIVATION_DTYPE
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
@@ -85,25 +90,45 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        kernel = self.decode if rows.shape[0] <= DECODE_ROWS else self.prefill
+        count = rows.shape[0]
+        kernel = self.decode if count == 1 else self.batch if count <= DECODE_ROWS else self.prefill
         y = self.KERNELS[kernel](self, rows).to(self.activation)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features)
 
+    def rowwise(self) -> bool:
+        """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or the same sums)."""
+        kernels = {self.decode, self.batch, self.prefill}
+        return len(kernels) == 1 or kernels <= self.SAME_SUMS
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, decode={self.decode}, prefill={self.prefill}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"decode={self.decode}, batch={self.batch}, prefill={self.prefill}"
+        )
 
 
-def int_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-token dynamic int8 activations (absmax) times int8 ``weight`` (out, in), int32 sums (``torch._int_mm``)."""
+def int_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sums=None) -> torch.Tensor:
+    """Per-token dynamic int8 activations (absmax) times int8 ``weight`` (out, in), int32 sums.
+
+    ``sums(rows, weight)`` takes the int32 sums, ``torch._int_mm``'s by default; any other
+    must return exactly the same (:data:`QuantLinear.SAME_SUMS`).
+    """
     rows = rows.float()
     step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-    return torch._int_mm(torch.round(rows / step).to(torch.int8), weight.t()) * step * scale
+    quantized = torch.round(rows / step).to(torch.int8)
+    summed = torch._int_mm(quantized, weight.t()) if sums is None else sums(quantized, weight)
+    return summed * step * scale
 
 
 def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
     return int_mm(rows, module.weight, module.scale)
+
+
+def _int8dot(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
+    """``int_mm`` with rinna-cli's own few-row kernel taking the sums (:mod:`rinna_cli.int8dot`)."""
+    return int_mm(rows, module.weight, module.scale, int8dot.library().int_mm)
 
 
 def _int8pack(dtype: torch.dtype):
@@ -129,13 +154,15 @@ class Int8Linear(QuantLinear):
 
     KERNELS = {
         "int_mm": _int_mm,
+        "int8dot": _int8dot,
         "int8pack": _int8pack(torch.bfloat16),
         "int8pack_f32": _int8pack(torch.float32),
         "dequant": _dequant(torch.bfloat16),
     }
     PREFILL_ONLY = frozenset({"dequant"})  # dequantizing a whole matrix per call never pays for one row
+    SAME_SUMS = frozenset({"int_mm", "int8dot"})
     # Until a plan is applied: the kernels that were fastest on the first CPU class measured (Zen 3).
-    decode = prefill = "int_mm"
+    decode = batch = prefill = "int_mm"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__(in_features, out_features, bias, device)

@@ -4,9 +4,10 @@ The fastest kernel differs by CPU class (docs/benchmarks.md): on a Zen 3 (AVX2) 
 ``_int_mm`` with int8 activations decoded fastest and float32 attention beat bfloat16;
 on a Xeon with AMX the weight-only int8 kernel with bfloat16 activations was 1.5x
 faster and bfloat16 is native. So at the first start on a machine the candidates are
-timed on the model's own layers, for a decode step (1 row) and a prefill (48 rows),
-with float32 and with bfloat16 activations (which also sets the dtype of attention
-and the KV cache), and the fastest of each is used. The :class:`Plan` is cached next
+timed on the model's own layers, for a decode step (1 row), a batched decode step (8
+rows, among the kernels with the decode kernel's sums) and a prefill (48 rows), with
+float32 and with bfloat16 activations (which also sets the dtype of attention and the
+KV cache), and the fastest of each is used. The :class:`Plan` is cached next
 to the quantized weights, keyed by what it depends on (:func:`machine_key`): a new CPU,
 torch or thread count plans again.
 
@@ -33,14 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rinna_cli import mapped
+from rinna_cli import int8, mapped
 from rinna_cli.int4 import Int4Linear
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 PROBE_FILE = "kernels-probe.json"  # in the cache folder, beside the schemes' folders
-BUDGET_S = 3.0  # measuring, on top of the probe (which runs while the weights are quantized)
-DECODE_ROWS, PREFILL_ROWS = 1, 48
+BUDGET_S = 3.5  # measuring, on top of the probe (which runs while the weights are quantized)
+DECODE_ROWS, BATCH_ROWS, PREFILL_ROWS = 1, int8.DECODE_ROWS, 48
 ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is timed at
 ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
@@ -52,15 +53,18 @@ _HOPELESS = 10  # a kernel this many times slower than the fastest after the war
 class Plan:
     """The kernels of each kind of quantized layer, the activation dtype, and how they were chosen."""
 
-    kernels: dict[str, tuple[str, str]]  # kind ("int8", "int4") -> (decode kernel, prefill kernel)
+    kernels: dict[str, tuple[str, str, str]]  # kind ("int8", "int4") -> kernels (decode, batch, prefill)
     activation: str  # "bfloat16" or "float32"
     key: dict = field(default_factory=dict)  # what the plan was measured on (machine_key)
     timings_ms: dict = field(default_factory=dict)  # per candidate, for the benchmark report
     seconds: float = 0.0  # time spent planning
 
     def describe(self) -> str:
-        """One line for ``--stats`` and ``--json``, e.g. ``int8 decode int8pack, prefill int_mm; bfloat16``."""
-        parts = [f"{kind} decode {decode}, prefill {prefill}" for kind, (decode, prefill) in self.kernels.items()]
+        """One line for ``--stats`` and ``--json``, e.g. ``int8 decode int8dot, batch int8dot, prefill int_mm; float32``."""
+        parts = [
+            f"{kind} decode {decode}, batch {batch}, prefill {prefill}"
+            for kind, (decode, batch, prefill) in self.kernels.items()
+        ]
         return "; ".join(parts) + f"; {self.activation}"
 
     def to_json(self) -> str:
@@ -115,9 +119,9 @@ def apply(model: nn.Module, plan: Plan) -> None:
     """Set every quantized layer's kernels and convert the model's float tensors to the activation dtype."""
     dtype = ACTIVATIONS[plan.activation]
     for kind, modules in kinds_of(model).items():
-        decode, prefill = plan.kernels[kind]
+        decode, batch, prefill = plan.kernels[kind]
         for module in modules:
-            module.decode, module.prefill, module.activation = decode, prefill, dtype
+            module.decode, module.batch, module.prefill, module.activation = decode, batch, prefill, dtype
     quantized = {
         id(p)
         for m in model.modules()
@@ -140,7 +144,7 @@ _PROBE = r"""
 import sys, torch
 from torch import nn
 from rinna_cli.int8 import Int8Linear
-from rinna_cli import mapped
+from rinna_cli import int8, mapped
 from rinna_cli.int4 import Int4Linear
 torch.manual_seed(0)
 for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
@@ -148,7 +152,7 @@ for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
     module = cls.quantize(linear)
     for name in cls.KERNELS:
         try:
-            module.decode = module.prefill = name
+            module.decode = module.batch = module.prefill = name
             good = True
             for rows in (1, 3, 48):
                 x = torch.randn(rows, 256)
@@ -314,7 +318,9 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     """Time the working kernels on ``model``'s layers and return the fastest plan found within ``budget_s``.
 
     Decoding decides the activation dtype: the sum of each kind's fastest decode kernel
-    and the attention in that dtype. Prefill then picks each kind's fastest kernel at
+    and the attention in that dtype. A batched step then takes the fastest at
+    :data:`BATCH_ROWS` rows of the kernels with the decode kernel's sums (``SAME_SUMS``;
+    the decode kernel itself if it has no such kin), and prefill each kind's fastest at
     :data:`PREFILL_ROWS` rows in that dtype.
     """
     began = time.perf_counter()
@@ -332,7 +338,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
                     decode_runs[f"decode {kind}/{name} {activation}"] = _linear_pass(
                         modules, name, DECODE_ROWS, dtype, _SAMPLES
                     )
-    decode = _race(decode_runs, began + budget_s * 0.6)
+    decode = _race(decode_runs, began + budget_s * 0.55)
     cost, choice = {}, {}
     for activation in ACTIVATIONS:
         picks = {}
@@ -358,6 +364,18 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         )
         return seconds is not None and fastest is not None and seconds <= 3 * fastest
 
+    fast = {kind: choice.get(activation, {}).get(kind, KINDS[kind].decode) for kind in kinds}
+    kin = {
+        kind: [n for n in names[kind] if n in KINDS[kind].SAME_SUMS] if fast[kind] in KINDS[kind].SAME_SUMS else []
+        for kind in kinds
+    }
+    batch_runs = {
+        f"batch {kind}/{name} {activation}": _linear_pass(modules, name, BATCH_ROWS, dtype, _SAMPLES)
+        for kind, modules in kinds.items()
+        if len(kin[kind]) > 1
+        for name in kin[kind]
+    }
+    batch = _race(batch_runs, began + budget_s * 0.7)
     prefill_runs = {
         f"prefill {kind}/{name} {activation}": _linear_pass(modules, name, PREFILL_ROWS, dtype, 1)
         for kind, modules in kinds.items()
@@ -366,13 +384,13 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         if promising(kind, name)
     }
     prefill = _race(prefill_runs, began + budget_s)
-    kernels = {}
-    for kind in kinds:
-        fast = choice.get(activation, {}).get(kind, KINDS[kind].decode)
-        timed = {k: v for k, v in prefill.items() if k.startswith(f"prefill {kind}/")}
-        slow = min(timed, key=timed.__getitem__).split("/")[1].split(" ")[0] if timed else fast
-        kernels[kind] = (fast, slow)
-    timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **prefill}.items()}
+
+    def fastest(timings: dict[str, float], phase: str, kind: str) -> str:
+        timed = {k: v for k, v in timings.items() if k.startswith(f"{phase} {kind}/")}
+        return min(timed, key=timed.__getitem__).split("/")[1].split(" ")[0] if timed else fast[kind]
+
+    kernels = {kind: (fast[kind], fastest(batch, "batch", kind), fastest(prefill, "prefill", kind)) for kind in kinds}
+    timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **batch, **prefill}.items()}
     return Plan(kernels, activation, machine_key(scheme), timings, round(time.perf_counter() - began, 3))
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 import pytest
 
+from rinna_cli import kernels
 from rinna_cli.batching import BatchingEngine
 from rinna_cli.contract import Sampling, Step
 from rinna_cli.engine import Engine
@@ -22,8 +23,13 @@ GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, m
 
 
 def _load(folder, quantize: str, cache) -> Engine:
-    dtype = "float32" if quantize == "none" else "auto"
-    return Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, quantize, cache_dir=cache)
+    """``quantize`` is a scheme, or ``int8:decode/batch/prefill`` to force int8 kernels."""
+    scheme, _, forced = quantize.partition(":")
+    dtype = "float32" if scheme == "none" else "auto"
+    engine = Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, scheme, cache_dir=cache)
+    if forced:
+        kernels.apply(engine.model, kernels.Plan({"int8": tuple(forced.split("/"))}, "float32"))
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +93,7 @@ def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize
     engine.close()
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int8:int_mm/int8dot/int_mm", "int8:int8dot/int8dot/int8dot"])
 def test_random_model_ids_match_the_single_engine(tiny_model, cache, quantize):
     """12 prompts of different lengths, 5 in flight: greedy, repetition penalty and seeded sampling ids as alone.
 

@@ -66,7 +66,7 @@ config = AutoConfig.from_pretrained(folder)
 before = peak()
 checkpoint.quantize_into([folder / file], int8.meta_model(config), cache_path(folder, "int8", cache, config), int8.FORMAT)
 quantized = peak()
-model, _ = load_quantized(folder, [folder / file], config, cache, "int8", plan=kernels.Plan({"int8": ("int_mm", "int_mm")}, "float32"))
+model, _ = load_quantized(folder, [folder / file], config, cache, "int8", plan=kernels.Plan({"int8": ("int_mm", "int_mm", "int_mm")}, "float32"))
 model(torch.tensor([[5, 6, 7]]))
 print(json.dumps({"before": before, "quantized": quantized, "peak": peak()}))
 """
@@ -139,7 +139,7 @@ def present(tensors):  # bytes of these tensors' pages mapped into this process 
     return total * 4096
 folder, cache = Path(sys.argv[1]), Path(sys.argv[2])
 config = AutoConfig.from_pretrained(folder)
-plan = kernels.Plan({"int4": ("int4pack_f32", "int_mm"), "int8": ("int8pack_f32", "int8pack_f32")}, "float32")
+plan = kernels.Plan({"int4": ("int4pack_f32", "int4pack_f32", "int_mm"), "int8": ("int8pack_f32", "int8pack_f32", "int8pack_f32")}, "float32")
 model, _ = load_quantized(folder, [folder / "model.safetensors"], config, cache, "int4", plan=plan)
 layers = [m for m in model.modules() if type(m) is int4.Int4Linear]
 copies, weights = [m.prompt_weight for m in layers], [m.weight for m in layers]

@@ -21,7 +21,7 @@ def load(folder: Path, cache: Path, plan):
 
 
 def plan(kernel: str, activation: str) -> kernels.Plan:
-    return kernels.Plan({"int4": (kernel, kernel), "int8": ("int8pack", "int8pack")}, activation)
+    return kernels.Plan({"int4": (kernel, kernel, kernel), "int8": ("int8pack", "int8pack", "int8pack")}, activation)
 
 
 def test_group_sizes_follow_the_shape():
@@ -39,7 +39,7 @@ def test_dequantized_weights_are_within_half_a_step_of_each_group():
     linear.weight.data = weight
     module = int4.Int4Linear.quantize(linear)
     assert module.group_size == 128 and module.weight.dtype == torch.uint8 and module.weight.shape == (64, 128)
-    module.decode = module.prefill = "int4pack_f32"
+    module.decode = module.batch = module.prefill = "int4pack_f32"
     dequantized = module(torch.eye(256)).t()  # row i of the identity picks input i
     groups = weight.reshape(64, 2, 128)
     step = (groups.amax(-1) - groups.amin(-1)) / 15
@@ -53,7 +53,7 @@ def test_the_memorized_replies_hold_with_int4(memorized_model, tmp_path, kernel,
     model, chosen = load(memorized_model, tmp_path, plan(kernel, activation))
     assert type(model.gpt_neox.layers[0].mlp.dense_h_to_4h) is int4.Int4Linear
     assert type(model.lm_head) is Int8Linear  # the output head stays int8
-    assert chosen.describe() == f"int4 decode {kernel}, prefill {kernel}; int8 decode int8pack, prefill int8pack; {activation}"
+    assert chosen.describe() == f"int4 decode {kernel}, batch {kernel}, prefill {kernel}; int8 decode int8pack, batch int8pack, prefill int8pack; {activation}"
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 
 
@@ -62,7 +62,7 @@ def test_the_prompt_copy_is_the_int4_weights_in_int8():
     linear = torch.nn.Linear(256, 64, bias=False)
     module = int4.Int4Linear.quantize(linear)
     assert module.PREFILL_ONLY == {"int_mm"} and module.prompt_weight.dtype == torch.int8
-    module.decode = module.prefill = "int4pack_f32"
+    module.decode = module.batch = module.prefill = "int4pack_f32"
     int4_weights = module(torch.eye(256)).t()
     copy = module.prompt_weight.float() * module.prompt_scale[:, None]
     step = int4_weights.abs().amax(dim=1, keepdim=True) / 127
@@ -71,7 +71,7 @@ def test_the_prompt_copy_is_the_int4_weights_in_int8():
 
 
 def test_a_prompt_through_the_int8_copy_and_decoding_in_int4_give_the_memorized_replies(memorized_model, tmp_path):
-    mixed = kernels.Plan({"int4": ("int4pack_f32", "int_mm"), "int8": ("int8pack", "int8pack")}, "float32")
+    mixed = kernels.Plan({"int4": ("int4pack_f32", "int4pack_f32", "int_mm"), "int8": ("int8pack", "int8pack", "int8pack")}, "float32")
     model, _ = load(memorized_model, tmp_path, mixed)
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 

@@ -31,7 +31,7 @@ def model_copy(memorized_model, tmp_path) -> Path:
 
 
 # Most tests force a plan: measuring (a child process and a few seconds) is tested once here and in test_kernels.py.
-FIXED = kernels.Plan({"int8": ("int_mm", "int_mm")}, "float32")
+FIXED = kernels.Plan({"int8": ("int_mm", "int_mm", "int_mm")}, "float32")
 
 
 def load(folder: Path, cache: Path, plan: kernels.Plan | None = FIXED):
@@ -42,23 +42,42 @@ def load(folder: Path, cache: Path, plan: kernels.Plan | None = FIXED):
 @pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
 @pytest.mark.parametrize("kernel", int8.Int8Linear.KERNELS)
 def test_every_kernel_gives_the_memorized_replies(memorized_model, tok, tmp_path, kernel, activation):
-    model, plan = load(memorized_model, tmp_path, kernels.Plan({"int8": (kernel, kernel)}, activation))
-    assert plan.describe() == f"int8 decode {kernel}, prefill {kernel}; {activation}"
+    model, plan = load(memorized_model, tmp_path, kernels.Plan({"int8": (kernel, kernel, kernel)}, activation))
+    assert plan.describe() == f"int8 decode {kernel}, batch {kernel}, prefill {kernel}; {activation}"
     assert model.lm_head.decode == model.gpt_neox.layers[0].mlp.dense_h_to_4h.prefill == kernel
     assert model.gpt_neox.embed_in.weight.dtype == kernels.ACTIVATIONS[activation]
     assert replies(model, tok)[0] == EXPECTED
 
 
-def test_decode_and_prefill_kernels_mix(memorized_model, tok, tmp_path):
-    model, _ = load(memorized_model, tmp_path, kernels.Plan({"int8": ("int8pack", "int_mm")}, "bfloat16"))
+def test_one_row_a_few_rows_and_a_prompt_take_their_own_kernels(memorized_model, tok, tmp_path):
+    model, _ = load(memorized_model, tmp_path, kernels.Plan({"int8": ("int8pack", "int8dot", "int_mm")}, "bfloat16"))
     seen = []
     layer = model.gpt_neox.layers[0].attention.dense
-    for name in ("int8pack", "int_mm"):
+    for name in ("int8pack", "int8dot", "int_mm"):
         function = int8.Int8Linear.KERNELS[name]
         layer.KERNELS = {**layer.KERNELS, name: lambda m, x, f=function, n=name: seen.append((n, x.shape[0])) or f(m, x)}
     replies(model, tok)
+    layer(torch.randn(1, int8.DECODE_ROWS, layer.in_features, dtype=torch.bfloat16))
+    layer(torch.randn(2, layer.in_features, dtype=torch.bfloat16))
     assert {n for n, rows in seen if rows == 1} == {"int8pack"}
+    assert {n for n, rows in seen if 1 < rows <= int8.DECODE_ROWS} == {"int8dot"}
     assert {n for n, rows in seen if rows > int8.DECODE_ROWS} == {"int_mm"}
+
+
+def test_kernels_with_the_same_sums_give_the_same_rows():
+    torch.manual_seed(2)
+    module = int8.Int8Linear.quantize(torch.nn.Linear(2816, 1000))
+    x = torch.randn(int8.DECODE_ROWS, 2816)
+    outputs = []
+    for kernel in sorted(int8.Int8Linear.SAME_SUMS):
+        module.decode = module.batch = module.prefill = kernel
+        outputs.append(torch.cat([module(x), module(x[:1]), module(torch.cat([x] * 3))[:1]]))
+    assert len(outputs) == 2 and all(torch.equal(outputs[0], other) for other in outputs[1:])
+    assert torch.equal(outputs[0][: int8.DECODE_ROWS][:1], outputs[0][int8.DECODE_ROWS : int8.DECODE_ROWS + 1])
+    module.decode, module.batch, module.prefill = "int_mm", "int8dot", "int_mm"
+    assert module.rowwise()
+    module.batch = "int8pack"
+    assert not module.rowwise()
 
 
 def test_kernels_agree_with_the_dequantized_matmul():
@@ -69,7 +88,7 @@ def test_kernels_agree_with_the_dequantized_matmul():
         x = torch.randn(rows, 96)
         want = x @ (module.weight.float() * module.scale.float()[:, None]).t() + module.bias.float()
         for kernel in int8.Int8Linear.KERNELS:
-            module.decode = module.prefill = kernel
+            module.decode = module.batch = module.prefill = kernel
             got = module(x)
             assert got.shape == (rows, 40) and got.dtype == torch.float32
             assert ((got - want).norm() / want.norm()) < 0.02, kernel

@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from rinna_cli import int8, kernels
 from rinna_cli.quantized import load_quantized
 
-FIXED = kernels.Plan({"int8": ("int_mm", "int_mm")}, "float32")
+FIXED = kernels.Plan({"int8": ("int_mm", "int_mm", "int_mm")}, "float32")
 
 
 def load(folder: Path, cache: Path, plan=FIXED):
@@ -22,12 +22,15 @@ def load(folder: Path, cache: Path, plan=FIXED):
 
 
 def test_describe_is_one_short_line():
-    plan = kernels.Plan({"int4": ("int4pack", "int4pack"), "int8": ("int8pack", "int_mm")}, "bfloat16")
-    assert plan.describe() == "int4 decode int4pack, prefill int4pack; int8 decode int8pack, prefill int_mm; bfloat16"
+    plan = kernels.Plan({"int4": ("int4pack", "int4pack", "int4pack"), "int8": ("int8pack", "int8pack", "int_mm")}, "bfloat16")
+    assert plan.describe() == (
+        "int4 decode int4pack, batch int4pack, prefill int4pack; int8 decode int8pack, batch int8pack, prefill int_mm; "
+        "bfloat16"
+    )
 
 
 def test_a_plan_survives_its_json():
-    plan = kernels.Plan({"int8": ("int8pack", "int_mm")}, "bfloat16", kernels.machine_key("int8"), {"x": 1.5}, 0.25)
+    plan = kernels.Plan({"int8": ("int8dot", "int8dot", "int_mm")}, "float32", kernels.machine_key("int8"), {"x": 1.5}, 0.25)
     assert kernels.Plan.from_json(plan.to_json()) == plan
 
 
@@ -84,12 +87,30 @@ def test_measuring_picks_working_kernels_and_never_one_that_raises(memorized_mod
 
     monkeypatch.setitem(int8.Int8Linear.KERNELS, "broken", broken)
     plan = kernels.measure(model, "int8", {"int8:broken", "int8:int8pack", "int8:int_mm"}, budget_s=2.0)
-    decode, prefill = plan.kernels["int8"]
+    decode, batch, prefill = plan.kernels["int8"]
     assert decode in ("int8pack", "int_mm") and prefill in ("int8pack", "int_mm")
+    assert batch == decode  # int8pack has no kin, and int_mm's (int8dot) is not in the working set
     assert plan.activation in kernels.ACTIVATIONS and plan.key == kernels.machine_key("int8")
     assert not any("broken" in label for label in plan.timings_ms)
     assert any(label.startswith("decode int8/int_mm") for label in plan.timings_ms)
     assert any(label.startswith("prefill int8/") for label in plan.timings_ms)
+
+
+@pytest.mark.parametrize("working", [{"int8:int_mm", "int8:int8dot"}, {"int8:int8pack", "int8:int8dot"}])
+def test_a_batched_step_takes_the_fastest_kernel_with_the_decode_kernels_sums(memorized_model, tmp_path, working):
+    model, _ = load(memorized_model, tmp_path)
+    plan = kernels.measure(model, "int8", working, budget_s=3.0)
+    decode, batch, _ = plan.kernels["int8"]
+    timed = {label.split(" ")[1] for label in plan.timings_ms if label.startswith("batch ")}
+    if decode in int8.Int8Linear.SAME_SUMS:
+        assert batch in int8.Int8Linear.SAME_SUMS and timed == {"int8/int_mm", "int8/int8dot"} & {
+            f"int8/{n.split(':')[1]}" for n in working
+        }
+    else:  # int8pack: no other kernel gives its sums, so a sequence decodes alike alone and in a batch
+        assert batch == decode and not timed
+    batch_ms = {label.split("/")[1].split(" ")[0]: ms for label, ms in plan.timings_ms.items() if label.startswith("batch ")}
+    if batch_ms:
+        assert batch == min(batch_ms, key=batch_ms.__getitem__)
 
 
 def test_the_race_stops_timing_hopeless_kernels_after_the_warm_up_and_slow_ones_after_round_two():
@@ -112,15 +133,15 @@ def test_the_race_stops_timing_hopeless_kernels_after_the_warm_up_and_slow_ones_
 def test_no_budget_left_means_the_defaults(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path)
     plan = kernels.measure(model, "int8", None, budget_s=0.0)
-    assert plan.describe() == "int8 decode int_mm, prefill int_mm; float32" and plan.timings_ms == {}
+    assert plan.describe() == "int8 decode int_mm, batch int_mm, prefill int_mm; float32" and plan.timings_ms == {}
 
 
 def test_apply_sets_kernels_and_activation_dtype_but_keeps_weights_and_rotary(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path)
-    kernels.apply(model, kernels.Plan({"int8": ("int8pack", "dequant")}, "bfloat16"))
+    kernels.apply(model, kernels.Plan({"int8": ("int8pack", "int8pack", "dequant")}, "bfloat16"))
     layers = [m for m in model.modules() if isinstance(m, int8.Int8Linear)]
     assert len(layers) == 2 * 4 + 1
-    assert all((m.decode, m.prefill, m.activation) == ("int8pack", "dequant", torch.bfloat16) for m in layers)
+    assert all((m.decode, m.batch, m.prefill, m.activation) == ("int8pack", "int8pack", "dequant", torch.bfloat16) for m in layers)
     assert all(m.weight.dtype == torch.int8 and m.scale.dtype == torch.float32 for m in layers)
     assert model.gpt_neox.embed_in.weight.dtype == torch.bfloat16
     assert model.gpt_neox.layers[0].input_layernorm.weight.dtype == torch.bfloat16
@@ -135,7 +156,7 @@ def test_a_plan_from_another_machine_is_measured_again(memorized_model, tmp_path
     data = json.loads(path.read_text())
     assert data["key"] == kernels.machine_key("int8")
     data["key"]["threads"] += 1  # as if planned with another thread count
-    data["kernels"] = {"int8": ["dequant", "dequant"]}
+    data["kernels"] = {"int8": ["dequant", "dequant", "dequant"]}
     path.write_text(json.dumps(data))
     calls = []
     real = kernels.measure
