@@ -61,14 +61,14 @@ class QuantLinear(nn.Module):
 
     Subclasses list their kernels in ``KERNELS`` (name -> function of the module and a
     2-D input), those never worth running for one row in ``PREFILL_ONLY``, and in
-    ``SAME_SUMS`` those whose every output row is exactly the same whichever of them runs
+    ``SAME_ROWS`` those whose every output row is exactly the same whichever of them runs
     (so a sequence decoding alone and in a batch gets the same reply); a kernel returns
     any float dtype, the output is cast to ``activation``.
     """
 
     KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {}
     PREFILL_ONLY: frozenset[str] = frozenset()
-    SAME_SUMS: frozenset[str] = frozenset()
+    SAME_ROWS: frozenset[str] = frozenset()
     decode = batch = prefill = ""
     activation = ACTIVATION_DTYPE
 
@@ -98,9 +98,9 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def rowwise(self) -> bool:
-        """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or the same sums)."""
+        """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or kernels with the same rows)."""
         kernels = {self.decode, self.batch, self.prefill}
-        return len(kernels) == 1 or kernels <= self.SAME_SUMS
+        return len(kernels) == 1 or kernels <= self.SAME_ROWS
 
     def extra_repr(self) -> str:
         return (
@@ -109,17 +109,11 @@ class QuantLinear(nn.Module):
         )
 
 
-def int_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, sums=None) -> torch.Tensor:
-    """Per-token dynamic int8 activations (absmax) times int8 ``weight`` (out, in), int32 sums.
-
-    ``sums(rows, weight)`` takes the int32 sums, ``torch._int_mm``'s by default; any other
-    must return exactly the same (:data:`QuantLinear.SAME_SUMS`).
-    """
+def int_mm(rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-token dynamic int8 activations (absmax) times int8 ``weight`` (out, in), int32 sums (``torch._int_mm``)."""
     rows = rows.float()
     step = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127.0
-    quantized = torch.round(rows / step).to(torch.int8)
-    summed = torch._int_mm(quantized, weight.t()) if sums is None else sums(quantized, weight)
-    return summed * step * scale
+    return torch._int_mm(torch.round(rows / step).to(torch.int8), weight.t()) * step * scale
 
 
 def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
@@ -127,8 +121,8 @@ def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _int8dot(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
-    """``int_mm`` with rinna-cli's own few-row kernel taking the sums (:mod:`rinna_cli.int8dot`)."""
-    return int_mm(rows, module.weight, module.scale, int8dot.library().int_mm)
+    """:func:`int_mm`, bit for bit, in rinna-cli's own few-row kernel (:mod:`rinna_cli.int8dot`)."""
+    return int8dot.library().linear(rows, module.weight, module.scale)
 
 
 def _int8pack(dtype: torch.dtype):
@@ -160,7 +154,7 @@ class Int8Linear(QuantLinear):
         "dequant": _dequant(torch.bfloat16),
     }
     PREFILL_ONLY = frozenset({"dequant"})  # dequantizing a whole matrix per call never pays for one row
-    SAME_SUMS = frozenset({"int_mm", "int8dot"})
+    SAME_ROWS = frozenset({"int_mm", "int8dot"})
     # Until a plan is applied: the kernels that were fastest on the first CPU class measured (Zen 3).
     decode = batch = prefill = "int_mm"
 

@@ -1,30 +1,41 @@
-/* int8 rows times an int8 weight matrix, exact int32 sums: what torch._int_mm(x, w.t()) returns.
+/* float rows times int8 weights, bit for bit what rinna_cli.int8.int_mm computes with torch:
+ * each row quantized to int8 by its absmax (step = max|x| / 127, q = round-half-even(x / step)),
+ * exact int32 sums against the int8 weight rows, then out = ((float)sum * step) * scale.
+ * Every float operation is one IEEE operation in torch's order (no -ffast-math), so the
+ * results are equal, not close.
  *
  * For the few rows of a batched decode step (rinna_cli/int8dot.py says why): each weight
- * row is read from memory once for all the rows of x (up to MAXM at a time), two output
- * channels at a time, the next two prefetched. Built on the machine with -march=native,
- * so the path is the widest the CPU has: AVX-512 VNNI, AVX2, or plain C.
+ * row is read from memory once for all the rows (up to MAXM at a time), two output
+ * channels at a time, the next two prefetched; the inputs are cut into spans whose
+ * quantized rows fit the L1 cache, the int32 sums of the spans added up. Built on the
+ * machine with -march=native, so the path is the widest the CPU has: AVX-512 VNNI, AVX2,
+ * or plain C.
  */
+#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-#define MAXM 8
+#define MAXM 8  /* rows per pass over the weights */
+#define GROUP 4 /* rows per block: GCC keeps no more accumulators in registers (8 went to the stack) */
+#define L1_BYTES 32768 /* of quantized rows per span */
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 /* vpdpbusd multiplies unsigned by signed bytes: x + 128 is unsigned, and 128 times the
- * weight row's sum (also taken with vpdpbusd, against ones) is subtracted again. */
+ * weights' sum (also taken with vpdpbusd, against ones) is subtracted again. */
 #define PATH "avx512-vnni"
 #define NB 2
 typedef uint8_t xtype;
 static xtype convert(int8_t v) { return (uint8_t)(v ^ 0x80); }
 
-static inline __attribute__((always_inline)) void block(const xtype *x, const int8_t *w, int32_t *out, const int m,
-                                                         int n0, int N, int K) {
-    __m512i acc[MAXM][NB], sum[NB];
+/* part[i][n0 + j] += the sums of inputs k0..k1 of row i and output n0 + j */
+static inline __attribute__((always_inline)) void block(const xtype *x, const int8_t *w, int32_t *part, const int m,
+                                                         int n0, int N, int K, int k0, int k1) {
+    __m512i acc[GROUP][NB], sum[NB];
     const __m512i ones = _mm512_set1_epi8(1);
     const int8_t *row[NB];
     for (int j = 0; j < NB; j++) {
@@ -32,8 +43,8 @@ static inline __attribute__((always_inline)) void block(const xtype *x, const in
         sum[j] = _mm512_setzero_si512();
         for (int i = 0; i < m; i++) acc[i][j] = _mm512_setzero_si512();
     }
-    for (int k = 0; k < K; k += 64) {
-        __mmask64 mask = K - k >= 64 ? ~0ULL : (~0ULL) >> (64 - (K - k));
+    for (int k = k0; k < k1; k += 64) {
+        __mmask64 mask = k1 - k >= 64 ? ~0ULL : (~0ULL) >> (64 - (k1 - k));
         __m512i wv[NB];
         for (int j = 0; j < NB; j++) {
             wv[j] = _mm512_maskz_loadu_epi8(mask, row[j] + k);
@@ -47,13 +58,13 @@ static inline __attribute__((always_inline)) void block(const xtype *x, const in
     }
     for (int j = 0; j < NB; j++) {
         int32_t shift = 128 * _mm512_reduce_add_epi32(sum[j]);
-        for (int i = 0; i < m; i++) out[(size_t)i * N + n0 + j] = _mm512_reduce_add_epi32(acc[i][j]) - shift;
+        for (int i = 0; i < m; i++) part[(size_t)i * N + n0 + j] += _mm512_reduce_add_epi32(acc[i][j]) - shift;
     }
 }
 
-static int32_t single(const xtype *x, const int8_t *w, int K) {
+static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
     int32_t s = 0, sum = 0;
-    for (int k = 0; k < K; k++) {
+    for (int k = k0; k < k1; k++) {
         s += (int32_t)x[k] * w[k];
         sum += w[k];
     }
@@ -67,13 +78,13 @@ static int32_t single(const xtype *x, const int8_t *w, int K) {
 typedef int16_t xtype;
 static xtype convert(int8_t v) { return v; }
 
-static inline __attribute__((always_inline)) void block(const xtype *x, const int8_t *w, int32_t *out, const int m,
-                                                         int n0, int N, int K) {
-    __m256i acc[MAXM];
+static inline __attribute__((always_inline)) void block(const xtype *x, const int8_t *w, int32_t *part, const int m,
+                                                         int n0, int N, int K, int k0, int k1) {
+    __m256i acc[GROUP];
     const int8_t *row = w + (size_t)n0 * K;
     for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_si256();
-    int k = 0;
-    for (; k + 16 <= K; k += 16) {
+    int k = k0;
+    for (; k + 16 <= k1; k += 16) {
         __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
         _mm_prefetch((const char *)(row + (size_t)NB * K + k), _MM_HINT_T0);
         for (int i = 0; i < m; i++) {
@@ -86,14 +97,14 @@ static inline __attribute__((always_inline)) void block(const xtype *x, const in
         half = _mm_hadd_epi32(half, half);
         half = _mm_hadd_epi32(half, half);
         int32_t s = _mm_cvtsi128_si32(half);
-        for (int t = k; t < K; t++) s += (int32_t)x[(size_t)i * K + t] * row[t];
-        out[(size_t)i * N + n0] = s;
+        for (int t = k; t < k1; t++) s += (int32_t)x[(size_t)i * K + t] * row[t];
+        part[(size_t)i * N + n0] += s;
     }
 }
 
-static int32_t single(const xtype *x, const int8_t *w, int K) {
+static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
     int32_t s = 0;
-    for (int k = 0; k < K; k++) s += (int32_t)x[k] * w[k];
+    for (int k = k0; k < k1; k++) s += (int32_t)x[k] * w[k];
     return s;
 }
 
@@ -103,45 +114,90 @@ static int32_t single(const xtype *x, const int8_t *w, int K) {
 typedef int8_t xtype;
 static xtype convert(int8_t v) { return v; }
 
-static int32_t single(const xtype *x, const int8_t *w, int K) {
+static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
     int32_t s = 0;
-    for (int k = 0; k < K; k++) s += (int32_t)x[k] * w[k];
+    for (int k = k0; k < k1; k++) s += (int32_t)x[k] * w[k];
     return s;
 }
 
-static inline void block(const xtype *x, const int8_t *w, int32_t *out, const int m, int n0, int N, int K) {
-    for (int i = 0; i < m; i++) out[(size_t)i * N + n0] = single(x + (size_t)i * K, w + (size_t)n0 * K, K);
+static inline void block(const xtype *x, const int8_t *w, int32_t *part, const int m, int n0, int N, int K, int k0,
+                         int k1) {
+    for (int i = 0; i < m; i++) part[(size_t)i * N + n0] += single(x + (size_t)i * K, w + (size_t)n0 * K, k0, k1);
 }
 #endif
 
-/* Constant row counts, so that the accumulators stay in registers. */
-#define ROWS(M) \
-    case M:     \
-        for (int b = lo; b < hi; b++) block(x, w, out, M, b * NB, N, K); \
-        break;
-
 const char *rinna_int8dot_path(void) { return PATH; }
 
-/* out (M x N) = x (M x K) times w (N x K) transposed; all row-major and contiguous. 0 on success. */
-int rinna_int8dot(const int8_t *x8, const int8_t *w, int32_t *out0, int M, int N, int K, int threads) {
+/* torch: step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0; q = round(rows / step).to(int8).
+ * The absolute values are compared as integers (a float's magnitude bits order as it does),
+ * which vectorizes without -ffast-math. */
+static float quantize(const float *row, xtype *q, int K) {
+    uint32_t top = 0;
+    for (int k = 0; k < K; k++) {
+        uint32_t bits;
+        memcpy(&bits, row + k, 4);
+        bits &= 0x7fffffffu;
+        top = bits > top ? bits : top;
+    }
+    float amax;
+    memcpy(&amax, &top, 4);
+    float step = (amax > (float)1e-8 ? amax : (float)1e-8) / 127.0f;
+    for (int k = 0; k < K; k++) q[k] = convert((int8_t)nearbyintf(row[k] / step));
+    return step;
+}
+
+/* Constant row counts, so that the accumulators stay in registers; rows past GROUP in a second
+ * block, which finds the same weights in the L1 cache. */
+#define ROWS(M)                                                                                      \
+    case M:                                                                                          \
+        for (int b = lo; b < hi; b++) {                                                              \
+            block(x, w, part, M < GROUP ? M : GROUP, b * NB, N, K, k0, k1);                          \
+            if (M > GROUP) block(x + (size_t)GROUP * K, w, part + (size_t)GROUP * N, M - GROUP, b * NB, N, K, k0, k1); \
+        }                                                                                            \
+        break;
+
+/* out (M x N) = rows (M x K) times the dequantized w (N x K) transposed, as above; row-major and contiguous.
+ * 0 on success. */
+int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float *out, int M, int N, int K,
+                  int threads) {
     xtype *converted = malloc(sizeof(xtype) * (size_t)M * K);
-    if (!converted) return 1;
-    for (size_t i = 0; i < (size_t)M * K; i++) converted[i] = convert(x8[i]);
+    float *steps = malloc(sizeof(float) * (size_t)M);
+    int32_t *sums = calloc((size_t)M * N, sizeof(int32_t));
+    if (!converted || !steps || !sums) {
+        free(converted);
+        free(steps);
+        free(sums);
+        return 1;
+    }
+    for (int i = 0; i < M; i++) steps[i] = quantize(rows + (size_t)i * K, converted + (size_t)i * K, K);
     int blocks = N / NB;
-    for (int m0 = 0; m0 < M; m0 += MAXM) {
-        int m = M - m0 < MAXM ? M - m0 : MAXM;
-        const xtype *x = converted + (size_t)m0 * K;
-        int32_t *out = out0 + (size_t)m0 * N;
 #pragma omp parallel num_threads(threads)
-        {
-            int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            int lo = (int)((long)blocks * t / nt), hi = (int)((long)blocks * (t + 1) / nt);
-            switch (m) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        int lo = (int)((long)blocks * t / nt), hi = (int)((long)blocks * (t + 1) / nt);
+        for (int m0 = 0; m0 < M; m0 += MAXM) {
+            int m = M - m0 < MAXM ? M - m0 : MAXM;
+            const xtype *x = converted + (size_t)m0 * K;
+            int32_t *part = sums + (size_t)m0 * N;
+            int span = L1_BYTES / (m * (int)sizeof(xtype)) / 64 * 64;
+            span = span < 64 ? 64 : span;
+            for (int k0 = 0; k0 < K; k0 += span) {
+                int k1 = K - k0 < span ? K : k0 + span;
+                switch (m) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+            }
             if (t == nt - 1)
                 for (int n = blocks * NB; n < N; n++)
-                    for (int i = 0; i < m; i++) out[(size_t)i * N + n] = single(x + (size_t)i * K, w + (size_t)n * K, K);
+                    for (int i = 0; i < m; i++) part[(size_t)i * N + n] = single(x + (size_t)i * K, w + (size_t)n * K, 0, K);
         }
+        int first = lo * NB, last = t == nt - 1 ? N : hi * NB;
+        for (int i = 0; i < M; i++)
+            for (int n = first; n < last; n++) {
+                float scaled = (float)sums[(size_t)i * N + n] * steps[i]; /* torch: summed * step * scale */
+                out[(size_t)i * N + n] = scaled * scale[n];
+            }
     }
     free(converted);
+    free(steps);
+    free(sums);
     return 0;
 }

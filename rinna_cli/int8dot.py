@@ -3,11 +3,13 @@
 torch's ``_int_mm`` takes a bandwidth-bound path for one row and oneDNN's compute-bound
 GEMM for two or more, so a batched decode step of 2–8 rows cost about twice one row on
 the AVX-512 Xeon and Zen 5 (docs/benchmarks.md), where reading the weights once should
-cost the same. This kernel reads each weight row once for up to eight rows and returns
-exactly ``_int_mm``'s int32 sums, so a sequence's replies do not depend on which of the
-two multiplied it. It is built with the C compiler (``$CC`` or ``cc``) for this CPU
-(``-march=native``: AVX-512 VNNI, AVX2 or plain C) into the cache folder, once per
-source, compiler and CPU; no compiler means no such kernel, and the planner
+cost the same. This kernel reads each weight row once for up to eight rows, and does in
+one call what :func:`rinna_cli.int8.int_mm` does in nine torch operations (quantizing
+the rows, the int32 sums, scaling them back) with the same IEEE operations in the same
+order: its output is equal to ``int_mm``'s, so a sequence's replies do not depend on
+which of the two multiplied it. It is built with the C compiler (``$CC`` or ``cc``) for
+this CPU (``-march=native``: AVX-512 VNNI, AVX2 or plain C) into the cache folder, once
+per source, compiler and CPU; no compiler means no such kernel, and the planner
 (:mod:`rinna_cli.kernels`) measures it against torch's like any other.
 
 OpenMP comes from the libgomp torch has loaded (the same soname), so both share one
@@ -69,19 +71,24 @@ class Library:
     def __init__(self, path: Path):
         self._lib = ctypes.CDLL(str(path))
         self._dot = self._lib.rinna_int8dot
-        self._dot.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 4
+        self._dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         self._dot.restype = ctypes.c_int
         self._lib.rinna_int8dot_path.restype = ctypes.c_char_p
         self.path = self._lib.rinna_int8dot_path().decode()  # "avx512-vnni", "avx2" or "c"
 
-    def int_mm(self, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``torch._int_mm(rows, weight.t())``: int8 ``rows`` (m, in) by int8 ``weight`` (out, in), int32 (m, out)."""
-        if rows.dtype != torch.int8 or weight.dtype != torch.int8 or rows.shape[1] != weight.shape[1]:
-            raise ValueError(f"int8dot takes int8 (m, k) and (n, k), not {rows.dtype} {rows.shape}, {weight.shape}")
-        rows, weight = rows.contiguous(), weight.contiguous()
-        out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.int32)
+    def linear(self, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``int8.int_mm(rows, weight, scale)``: rows (m, in) by int8 ``weight`` (out, in) and its float32 scale."""
+        if weight.dtype != torch.int8 or scale.dtype != torch.float32 or rows.shape[1] != weight.shape[1]:
+            raise ValueError(f"int8dot takes int8 weights and float32 scales, not {weight.dtype} {tuple(weight.shape)}")
+        if scale.shape != (weight.shape[0],):
+            raise ValueError(f"int8dot takes one scale per output, not {tuple(scale.shape)}")
+        rows, weight, scale = rows.float().contiguous(), weight.contiguous(), scale.contiguous()
+        out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
         m, n, k = rows.shape[0], weight.shape[0], weight.shape[1]
-        if self._dot(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads()):
+        failed = self._dot(
+            rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, k, torch.get_num_threads()
+        )
+        if failed:
             raise MemoryError("int8dot could not allocate its rows")
         return out
 

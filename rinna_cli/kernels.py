@@ -5,7 +5,7 @@ The fastest kernel differs by CPU class (docs/benchmarks.md): on a Zen 3 (AVX2) 
 on a Xeon with AMX the weight-only int8 kernel with bfloat16 activations was 1.5x
 faster and bfloat16 is native. So at the first start on a machine the candidates are
 timed on the model's own layers, for a decode step (1 row), a batched decode step (8
-rows, among the kernels with the decode kernel's sums) and a prefill (48 rows), with
+rows, among the kernels giving the decode kernel's very outputs) and a prefill (48 rows), with
 float32 and with bfloat16 activations (which also sets the dtype of attention and the
 KV cache), and the fastest of each is used. The :class:`Plan` is cached next
 to the quantized weights, keyed by what it depends on (:func:`machine_key`): a new CPU,
@@ -319,7 +319,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
 
     Decoding decides the activation dtype: the sum of each kind's fastest decode kernel
     and the attention in that dtype. A batched step then takes the fastest at
-    :data:`BATCH_ROWS` rows of the kernels with the decode kernel's sums (``SAME_SUMS``;
+    :data:`BATCH_ROWS` rows of the kernels giving the decode kernel's very outputs (``SAME_ROWS``;
     the decode kernel itself if it has no such kin), and prefill each kind's fastest at
     :data:`PREFILL_ROWS` rows in that dtype.
     """
@@ -366,7 +366,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
 
     fast = {kind: choice.get(activation, {}).get(kind, KINDS[kind].decode) for kind in kinds}
     kin = {
-        kind: [n for n in names[kind] if n in KINDS[kind].SAME_SUMS] if fast[kind] in KINDS[kind].SAME_SUMS else []
+        kind: [n for n in names[kind] if n in KINDS[kind].SAME_ROWS] if fast[kind] in KINDS[kind].SAME_ROWS else []
         for kind in kinds
     }
     batch_runs = {

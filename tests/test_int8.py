@@ -64,12 +64,12 @@ def test_one_row_a_few_rows_and_a_prompt_take_their_own_kernels(memorized_model,
     assert {n for n, rows in seen if rows > int8.DECODE_ROWS} == {"int_mm"}
 
 
-def test_kernels_with_the_same_sums_give_the_same_rows():
+def test_kernels_listed_as_giving_the_same_rows_do():
     torch.manual_seed(2)
     module = int8.Int8Linear.quantize(torch.nn.Linear(2816, 1000))
     x = torch.randn(int8.DECODE_ROWS, 2816)
     outputs = []
-    for kernel in sorted(int8.Int8Linear.SAME_SUMS):
+    for kernel in sorted(int8.Int8Linear.SAME_ROWS):
         module.decode = module.batch = module.prefill = kernel
         outputs.append(torch.cat([module(x), module(x[:1]), module(torch.cat([x] * 3))[:1]]))
     assert len(outputs) == 2 and all(torch.equal(outputs[0], other) for other in outputs[1:])

@@ -1,4 +1,4 @@
-"""rinna-cli's own few-row int8 kernel: torch's exact sums on every path it can build, and skipped without a compiler."""
+"""rinna-cli's own few-row int8 kernel: int_mm's very outputs on every path it can build, skipped without a compiler."""
 
 from __future__ import annotations
 
@@ -29,22 +29,26 @@ def built(tmp_path_factory) -> dict[str, int8dot.Library]:
 
 
 @pytest.mark.parametrize("march", MARCHES)
-def test_every_path_returns_exactly_torchs_int_mm_sums(built, march):
+def test_every_path_gives_int_mms_outputs_bit_for_bit(built, march):
     if march not in built:
         pytest.skip(f"this CPU cannot run -march={march} code")
     library = built[march]
     torch.manual_seed(3)
     for rows in (1, 2, 5, 8, 9, 17):
         for out_features, in_features in SHAPES:
-            x = torch.randint(-127, 128, (rows, in_features), dtype=torch.int8)
-            w = torch.randint(-127, 128, (out_features, in_features), dtype=torch.int8)
-            want = x.int() @ w.int().t()
-            if in_features % 8 == 0 and out_features % 8 == 0:
-                assert torch.equal(torch._int_mm(x, w.t()), want)
-            assert torch.equal(library.int_mm(x, w), want), (march, rows, out_features, in_features)
-    extremes = torch.tensor([[-127] * 64, [127] * 64], dtype=torch.int8)  # the largest sums a row can have
-    most = 127 * 127 * 64
-    assert library.int_mm(extremes, extremes).tolist() == [[most, -most], [-most, most]]
+            x = torch.randn(rows, in_features) * torch.logspace(-3, 2, rows)[:, None]
+            w, scale = int8.quantize_weight(torch.randn(out_features, in_features))
+            got, want = library.linear(x, w, scale), int8.int_mm(x, w, scale)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (march, rows, out_features, in_features)
+    # ties round to even as torch.round does, an all-zero row is clamped, the largest sums do not overflow
+    ties = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5], [0.0] * 8, [-127.0] * 8])
+    ones = torch.tensor([1.0] * 3)
+    assert torch.equal(library.linear(ties, torch.tensor([[1] * 8, [-127] * 8, [127] * 8], dtype=torch.int8), ones),
+                       int8.int_mm(ties, torch.tensor([[1] * 8, [-127] * 8, [127] * 8], dtype=torch.int8), ones))  # fmt: skip
+    most = torch.full((2, 4096), -127, dtype=torch.int8)
+    got = library.linear(torch.full((1, 4096), -1.0), most, torch.ones(2))  # sums of 127 * 127 * 4096
+    assert torch.equal(got, int8.int_mm(torch.full((1, 4096), -1.0), most, torch.ones(2)))
+    assert got.tolist() == [[pytest.approx(127.0 * 4096)] * 2]
 
 
 def test_the_native_build_takes_the_widest_path_this_cpu_has(built):
@@ -56,10 +60,13 @@ def test_the_native_build_takes_the_widest_path_this_cpu_has(built):
 
 def test_wrong_operands_are_refused(built):
     library = built["native"]
-    with pytest.raises(ValueError, match="int8dot takes int8"):
-        library.int_mm(torch.zeros(2, 64), torch.zeros(8, 64, dtype=torch.int8))
-    with pytest.raises(ValueError, match="int8dot takes int8"):
-        library.int_mm(torch.zeros(2, 64, dtype=torch.int8), torch.zeros(8, 32, dtype=torch.int8))
+    weight = torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8dot takes int8 weights"):
+        library.linear(torch.zeros(2, 64), weight.float(), torch.ones(8))
+    with pytest.raises(ValueError, match="int8dot takes int8 weights"):
+        library.linear(torch.zeros(2, 32), weight, torch.ones(8))
+    with pytest.raises(ValueError, match="one scale per output"):
+        library.linear(torch.zeros(2, 64), weight, torch.ones(4))
 
 
 def test_it_is_compiled_once_per_source_compiler_and_cpu(tmp_path, monkeypatch):

@@ -97,16 +97,16 @@ def test_measuring_picks_working_kernels_and_never_one_that_raises(memorized_mod
 
 
 @pytest.mark.parametrize("working", [{"int8:int_mm", "int8:int8dot"}, {"int8:int8pack", "int8:int8dot"}])
-def test_a_batched_step_takes_the_fastest_kernel_with_the_decode_kernels_sums(memorized_model, tmp_path, working):
+def test_a_batched_step_takes_the_fastest_kernel_giving_the_decode_kernels_rows(memorized_model, tmp_path, working):
     model, _ = load(memorized_model, tmp_path)
     plan = kernels.measure(model, "int8", working, budget_s=3.0)
     decode, batch, _ = plan.kernels["int8"]
     timed = {label.split(" ")[1] for label in plan.timings_ms if label.startswith("batch ")}
-    if decode in int8.Int8Linear.SAME_SUMS:
-        assert batch in int8.Int8Linear.SAME_SUMS and timed == {"int8/int_mm", "int8/int8dot"} & {
+    if decode in int8.Int8Linear.SAME_ROWS:
+        assert batch in int8.Int8Linear.SAME_ROWS and timed == {"int8/int_mm", "int8/int8dot"} & {
             f"int8/{n.split(':')[1]}" for n in working
         }
-    else:  # int8pack: no other kernel gives its sums, so a sequence decodes alike alone and in a batch
+    else:  # int8pack: no other kernel gives its rows, so a sequence decodes alike alone and in a batch
         assert batch == decode and not timed
     batch_ms = {label.split("/")[1].split(" ")[0]: ms for label, ms in plan.timings_ms.items() if label.startswith("batch ")}
     if batch_ms:
