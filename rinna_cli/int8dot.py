@@ -35,31 +35,36 @@ class Unavailable(RuntimeError):
     """The kernel cannot be built or loaded on this machine."""
 
 
+def compiler() -> str | None:
+    """The C compiler that would build the kernel: ``$CC`` or ``cc`` on the PATH."""
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
 def build(folder: Path, march: str = "native") -> Path:
     """The shared library for this source, compiler and CPU in ``folder``, compiled if it is not there yet."""
-    compiler = shutil.which(os.environ.get("CC") or "cc")
-    if compiler is None:
+    cc = compiler()
+    if cc is None:
         raise Unavailable("no C compiler (cc) to build it")
     from rinna_cli.kernels import cpu_identity
 
     try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
-        raise Unavailable(f"{compiler} does not run ({err})") from None
-    identity = "\n".join([SOURCE.read_text(encoding="utf-8"), compiler, version, march, *cpu_identity()])
+        raise Unavailable(f"{cc} does not run ({err})") from None
+    identity = "\n".join([SOURCE.read_text(encoding="utf-8"), cc, version, march, *cpu_identity()])
     path = folder / f"int8dot-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    command = [compiler, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(temporary)]
+    command = [cc, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", str(SOURCE), "-o", str(temporary)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
-            raise Unavailable(f"{compiler} failed: {done.stderr.strip()[-300:]}")
+            raise Unavailable(f"{cc} failed: {done.stderr.strip()[-300:]}")
         os.replace(temporary, path)  # a concurrent first start builds the same file
     except (OSError, subprocess.SubprocessError) as err:
-        raise Unavailable(f"{compiler} failed ({err})") from None
+        raise Unavailable(f"{cc} failed ({err})") from None
     finally:
         temporary.unlink(missing_ok=True)
     return path

@@ -98,6 +98,19 @@ def test_no_compiler_means_no_kernel_and_the_others_still_work(tmp_path, monkeyp
     assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS if name != "int8dot"} <= working
 
 
+def test_a_compiler_installed_later_is_probed_and_planned_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    without = kernels.machine_key("int8")
+    env = {**os.environ, "RINNA_CLI_HOME": str(tmp_path / "home")}
+    child = subprocess.Popen([sys.executable, "-c", kernels._PROBE], stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert "int8:int8dot" not in kernels.probe_answer(child, tmp_path)
+    assert kernels.cached_probe(tmp_path) is not None  # saved for this machine as it is
+    monkeypatch.delenv("CC")
+    assert without["compiler"] == "" and kernels.machine_key("int8")["compiler"] == int8dot.compiler() != ""
+    assert kernels.cached_probe(tmp_path) is None  # with a compiler: probed again, and the plan's key differs
+
+
 def test_a_compiler_error_is_one_line_not_a_traceback(tmp_path, monkeypatch):
     broken = tmp_path / "cc"
     broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'cc: error: no' >&2\nexit 1\n")
