@@ -163,27 +163,32 @@ def test_a_sequence_joins_and_leaves_while_another_decodes(tiny_engine):
 
 
 def test_long_prefill_is_chunked_between_decode_steps(tiny_engine):
-    """While a 300-token prompt is prefilled 16 tokens a step, a decoding sequence keeps getting tokens."""
+    """While a 300-token prompt is prefilled 16 tokens a step, a decoding sequence gets a token in each of those steps.
+
+    Steps are recorded in the scheduler (what each pass fed): on_step runs on the caller's thread and may lag."""
     engine = BatchingEngine.wrap(tiny_engine, parallel=2, prefill_chunk=16)
     short = _never_stopping(tiny_engine, 200)
     long = tiny_engine.tokenizer.encode("".join(TINY_CORPUS))[:300]
     assert len(long) == 300
-    a_tokens: list[float] = []
+    steps: list[dict[tuple[int, ...], int]] = []  # per pass: prompt -> ids fed
+    forward = engine._pass.forward
+
+    def recorded(rows):
+        steps.append({tuple(sequence.prompt): len(ids) for sequence, ids in rows})
+        return forward(rows)
+
+    engine._pass.forward = recorded
     a_started = threading.Event()
-
-    def on_a(step: Step) -> None:
-        a_tokens.append(time.perf_counter())
-        a_started.set()
-
-    thread = threading.Thread(target=engine.generate, args=(short, Sampling(0.0, 1.0, 0, 1.0, 200, 0), on_a))
+    thread = threading.Thread(
+        target=engine.generate, args=(short, Sampling(0.0, 1.0, 0, 1.0, 200, 0), lambda step: a_started.set())
+    )
     thread.start()
     assert a_started.wait(60)
-    submitted = time.perf_counter()
-    first: list[float] = []
-    reply = engine.generate(long, Sampling(0.0, 1.0, 0, 1.0, 4, 0), lambda step: first.append(time.perf_counter()))
+    reply = engine.generate(long, Sampling(0.0, 1.0, 0, 1.0, 4, 0))
     thread.join()
-    between = sum(1 for t in a_tokens if submitted < t < first[0])
-    assert between >= 300 // 16 - 1  # one of A's tokens per prefill chunk of B
+    chunks = [fed for fed in steps if tuple(long) in fed][: -(-300 // 16)]  # B's prefill passes, then it decodes
+    assert [fed[tuple(long)] for fed in chunks] == [16] * (300 // 16) + [300 % 16]
+    assert all(fed.get(tuple(short)) == 1 for fed in chunks)  # A decoded one token in each of them
     assert reply.ids == _alone(tiny_engine, long, Sampling(0.0, 1.0, 0, 1.0, 4, 0)).ids
     engine.close()
 
