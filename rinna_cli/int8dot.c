@@ -74,38 +74,39 @@ static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
 #elif defined(__AVX2__)
 /* Bytes widened to 16 bits (x once, the weights as they are read), then vpmaddwd: exact. */
 #define PATH "avx2"
-#define NB 1
+#define NB 2
 typedef int16_t xtype;
 static xtype convert(int8_t v) { return v; }
 
 static inline __attribute__((always_inline)) void block(const xtype *x, const int8_t *w, int32_t *part, const int m,
                                                          int n0, int N, int K, int k0, int k1) {
-    __m256i acc[GROUP];
-    const int8_t *row = w + (size_t)n0 * K;
-    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_si256();
+    __m256i acc[GROUP][NB];
+    const int8_t *row[NB];
+    for (int j = 0; j < NB; j++) {
+        row[j] = w + (size_t)(n0 + j) * K;
+        for (int i = 0; i < m; i++) acc[i][j] = _mm256_setzero_si256();
+    }
     int k = k0;
     for (; k + 16 <= k1; k += 16) {
-        __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + k)));
-        _mm_prefetch((const char *)(row + (size_t)NB * K + k), _MM_HINT_T0);
+        __m256i wv[NB];
+        for (int j = 0; j < NB; j++) {
+            wv[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row[j] + k)));
+            _mm_prefetch((const char *)(row[j] + (size_t)NB * K + k), _MM_HINT_T0);
+        }
         for (int i = 0; i < m; i++) {
             __m256i xv = _mm256_loadu_si256((const __m256i *)(x + (size_t)i * K + k));
-            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(xv, wv));
+            for (int j = 0; j < NB; j++) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(xv, wv[j]));
         }
     }
-    for (int i = 0; i < m; i++) {
-        __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc[i]), _mm256_extracti128_si256(acc[i], 1));
-        half = _mm_hadd_epi32(half, half);
-        half = _mm_hadd_epi32(half, half);
-        int32_t s = _mm_cvtsi128_si32(half);
-        for (int t = k; t < k1; t++) s += (int32_t)x[(size_t)i * K + t] * row[t];
-        part[(size_t)i * N + n0] += s;
-    }
-}
-
-static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
-    int32_t s = 0;
-    for (int k = k0; k < k1; k++) s += (int32_t)x[k] * w[k];
-    return s;
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < NB; j++) {
+            __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc[i][j]), _mm256_extracti128_si256(acc[i][j], 1));
+            half = _mm_hadd_epi32(half, half);
+            half = _mm_hadd_epi32(half, half);
+            int32_t s = _mm_cvtsi128_si32(half);
+            for (int t = k; t < k1; t++) s += (int32_t)x[(size_t)i * K + t] * row[j][t];
+            part[(size_t)i * N + n0 + j] += s;
+        }
 }
 
 #else
@@ -113,16 +114,20 @@ static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
 #define NB 1
 typedef int8_t xtype;
 static xtype convert(int8_t v) { return v; }
-
-static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
-    int32_t s = 0;
-    for (int k = k0; k < k1; k++) s += (int32_t)x[k] * w[k];
-    return s;
-}
+static int32_t single(const xtype *x, const int8_t *w, int k0, int k1);
 
 static inline void block(const xtype *x, const int8_t *w, int32_t *part, const int m, int n0, int N, int K, int k0,
                          int k1) {
     for (int i = 0; i < m; i++) part[(size_t)i * N + n0] += single(x + (size_t)i * K, w + (size_t)n0 * K, k0, k1);
+}
+#endif
+
+#if !(defined(__AVX512VNNI__) && defined(__AVX512BW__))
+/* One output channel of one row, for the channels past the last whole block: signed rows, plain sums. */
+static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
+    int32_t s = 0;
+    for (int k = k0; k < k1; k++) s += (int32_t)x[k] * w[k];
+    return s;
 }
 #endif
 
