@@ -4,11 +4,11 @@ The layers are run from the loaded model's own modules (layer norms, linear laye
 whatever their kind, e.g. :class:`rinna_cli.int8.Int8Linear`, the rotary embedding), in
 transformers' order, so that the linear layers read the weights once for every row of
 the step. Every row is multiplied as it would be alone: where a quantized layer picks
-its kernel by row count (:class:`rinna_cli.int8.QuantLinear`) and the kernels can
-differ in their sums (``QuantLinear.rowwise``), the decode rows and each prompt's rows go through the layers as separate
-groups. Attention is per sequence: a prompt read whole uses the causal kernel from an
-empty cache, as the single engine does; a later chunk of a prompt is masked (offset by
-what is cached), which can round differently. Tokens are chosen with transformers'
+its kernel by row count (:class:`rinna_cli.int8.QuantLinear`) and the kernels' rows
+can differ (``QuantLinear.rowwise``), the decode rows and each prompt's rows go through
+the layers as separate groups. Attention is per sequence: a prompt read whole uses the
+causal kernel from an empty cache, as the single engine does; a later chunk of a prompt
+is masked (offset by what is cached), which can round differently. Tokens are chosen with transformers'
 logits processors and a ``torch.Generator`` per sequence seeded with its seed, the way
 the single engine seeds torch's global one.
 

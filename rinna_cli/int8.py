@@ -98,7 +98,7 @@ class QuantLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def rowwise(self) -> bool:
-        """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or kernels with the same rows)."""
+        """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or all in SAME_ROWS)."""
         kernels = {self.decode, self.batch, self.prefill}
         return len(kernels) == 1 or kernels <= self.SAME_ROWS
 

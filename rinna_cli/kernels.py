@@ -5,9 +5,9 @@ The fastest kernel differs by CPU class (docs/benchmarks.md): on a Zen 3 (AVX2) 
 on a Xeon with AMX the weight-only int8 kernel with bfloat16 activations was 1.5x
 faster and bfloat16 is native. So at the first start on a machine the candidates are
 timed on the model's own layers, for a decode step (1 row), a batched decode step (8
-rows, among the kernels giving the decode kernel's very outputs) and a prefill (48 rows), with
-float32 and with bfloat16 activations (which also sets the dtype of attention and the
-KV cache), and the fastest of each is used. The :class:`Plan` is cached next
+rows, among the kernels giving the decode kernel's very rows) and a prefill (48 rows),
+with float32 and with bfloat16 activations (which also sets the dtype of attention and
+the KV cache), and the fastest of each is used. The :class:`Plan` is cached next
 to the quantized weights, keyed by what it depends on (:func:`machine_key`): a new CPU,
 torch or thread count plans again.
 
@@ -146,7 +146,7 @@ _PROBE = r"""
 import sys, torch
 from torch import nn
 from rinna_cli.int8 import Int8Linear
-from rinna_cli import int8, mapped
+from rinna_cli import mapped
 from rinna_cli.int4 import Int4Linear
 torch.manual_seed(0)
 for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
@@ -321,9 +321,9 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
 
     Decoding decides the activation dtype: the sum of each kind's fastest decode kernel
     and the attention in that dtype. A batched step then takes the fastest at
-    :data:`BATCH_ROWS` rows of the kernels giving the decode kernel's very outputs (``SAME_ROWS``;
-    the decode kernel itself if it has no such kin), and prefill each kind's fastest at
-    :data:`PREFILL_ROWS` rows in that dtype.
+    :data:`BATCH_ROWS` rows of the kernels giving the decode kernel's very rows
+    (``SAME_ROWS``; the decode kernel itself if it has no such kin), and prefill each
+    kind's fastest at :data:`PREFILL_ROWS` rows in that dtype.
     """
     began = time.perf_counter()
     kinds = kinds_of(model)
