@@ -32,6 +32,7 @@ from rinna_cli import int8, mapped
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
 FORMAT = "rinna-cli-int4-v2"
+PROMPT_COPY = (".prompt_weight", ".prompt_scale")  # the parameters of the prompt copy, given back after each prompt
 # Measured on rinna's shapes (docs/benchmarks.md): 128 costs a little accuracy against 64
 # and 32 and decodes fastest; it is also what the Xeon test used.
 GROUP_SIZE = 128

@@ -15,7 +15,7 @@ from typing import Callable
 
 from torch import nn
 
-from rinna_cli import checkpoint, int4, int8, kernels
+from rinna_cli import checkpoint, int4, int8, kernels, mapped
 from rinna_cli.errors import ModelError, is_out_of_memory
 
 SCHEMES = ("int8", "int4")
@@ -92,7 +92,14 @@ def load_quantized(
         except OSError:  # the weights are cached: a plan that cannot be saved is measured again next time
             pass
     kernels.apply(loaded, plan)
+    mapped.fetch_ahead(_resident(loaded))
     return loaded, plan
+
+
+def _resident(model: nn.Module) -> list:
+    """The tensors a reply reads and keeps, in the order a prompt reads them: all but int4's prompt copies, which
+    are given back after each prompt (:mod:`rinna_cli.int4`)."""
+    return [tensor for name, tensor in model.named_parameters() if not name.endswith(int4.PROMPT_COPY)]
 
 
 def _stop(probe) -> None:

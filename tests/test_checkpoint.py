@@ -127,8 +127,14 @@ _INT4_CHILD = r"""
 import json, struct, sys, torch
 from pathlib import Path
 from transformers import AutoConfig
-from rinna_cli import int4, kernels
+from rinna_cli import int4, kernels, mapped
 from rinna_cli.quantized import load_quantized
+fetching = []
+if sys.argv[3] == "prompt":  # what the prompt itself reads, not what loading fetches ahead
+    mapped.fetch_ahead = lambda tensors: None
+else:
+    ahead = mapped.fetch_ahead
+    mapped.fetch_ahead = lambda tensors: fetching.append(ahead(tensors))
 def present(tensors):  # bytes of these tensors' pages mapped into this process (/proc/self/pagemap bit 63)
     total = 0
     with open("/proc/self/pagemap", "rb") as pagemap:
@@ -144,6 +150,11 @@ model, _ = load_quantized(folder, [folder / "model.safetensors"], config, cache,
 layers = [m for m in model.modules() if type(m) is int4.Int4Linear]
 copies, weights = [m.prompt_weight for m in layers], [m.weight for m in layers]
 sizes = {"copies": sum(t.numel() for t in copies), "weights": sum(t.numel() for t in weights)}
+if fetching:
+    fetching[0].join()
+    print(json.dumps({"sizes": sizes, "loaded": {"copies": present(copies), "weights": present(weights),
+                                                 "head": present([model.get_output_embeddings().weight])}}))
+    sys.exit(0)
 with torch.inference_mode():
     out = model(torch.arange(5, 55)[None], use_cache=True)
     prefill = {"copies": present(copies), "weights": present(weights)}
@@ -155,7 +166,7 @@ print(json.dumps({"sizes": sizes, "prefill": prefill, "decode": decode}))
 
 def test_int4_reads_its_prompt_copy_for_the_prompt_and_gives_it_back_at_once(full_width, tmp_path):
     """The prompt goes through the int8 copies (not the int4 weights), whose pages are dropped after each use."""
-    done = prewarmed.run([sys.executable, "-c", _INT4_CHILD, str(full_width), str(tmp_path / "cache")], cwd=ROOT)
+    done = prewarmed.run([sys.executable, "-c", _INT4_CHILD, str(full_width), str(tmp_path / "cache"), "prompt"], cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()
     measured = json.loads(done.stdout.decode().strip().splitlines()[-1])
     sizes, prefill, decode = measured["sizes"], measured["prefill"], measured["decode"]
@@ -164,3 +175,15 @@ def test_int4_reads_its_prompt_copy_for_the_prompt_and_gives_it_back_at_once(ful
     assert prefill["weights"] <= 0.01 * sizes["weights"], measured  # the prompt did not use the int4 weights
     assert decode["weights"] >= 0.99 * sizes["weights"], measured  # a decode step does
     assert decode["copies"] <= 0.01 * sizes["copies"], measured
+
+
+def test_loading_fetches_the_weights_ahead_but_not_the_prompt_copies(full_width, tmp_path):
+    """Before any prompt, a background thread maps the weights a reply reads (the first token need not fault them in
+    a page at a time) and leaves out the int4 prompt copies, which would double the memory."""
+    done = prewarmed.run([sys.executable, "-c", _INT4_CHILD, str(full_width), str(tmp_path / "cache"), "fetch"], cwd=ROOT)
+    assert done.returncode == 0, done.stderr.decode()
+    measured = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    sizes, loaded = measured["sizes"], measured["loaded"]
+    assert loaded["weights"] >= 0.99 * sizes["weights"], measured
+    assert loaded["head"] >= 0.99 * 32000 * 2816, measured  # the int8 output head too
+    assert loaded["copies"] <= 0.01 * sizes["copies"], measured
