@@ -165,6 +165,7 @@ static float quantize(const float *row, xtype *q, int K) {
  * 0 on success. */
 int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float *out, int M, int N, int K,
                   int threads) {
+    if (M <= 0 || N <= 0) return 0;
     xtype *converted = malloc(sizeof(xtype) * (size_t)M * K);
     float *steps = malloc(sizeof(float) * (size_t)M);
     int32_t *sums = calloc((size_t)M * N, sizeof(int32_t));

@@ -58,9 +58,10 @@ def test_the_native_build_takes_the_widest_path_this_cpu_has(built):
         assert built["x86-64"].path == "c"
 
 
-def test_wrong_operands_are_refused(built):
+def test_wrong_operands_are_refused_and_no_rows_are_none(built):
     library = built["native"]
     weight = torch.zeros(8, 64, dtype=torch.int8)
+    assert library.linear(torch.zeros(0, 64), weight, torch.ones(8)).shape == (0, 8)
     with pytest.raises(ValueError, match="int8dot takes int8 weights"):
         library.linear(torch.zeros(2, 64), weight.float(), torch.ones(8))
     with pytest.raises(ValueError, match="int8dot takes int8 weights"):
