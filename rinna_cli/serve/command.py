@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from rinna_cli.serve.jobs import State
 
 MAX_PARALLEL = 64  # generate calls the server runs at once at most
-# --parallel's default on local weights: 4 concurrent clients got x1.7-2.1 the aggregate tokens/s of one
-# at a time at full size (Zen 5, AVX-512 Xeon; docs/benchmarks.md), each still streaming at half the
-# speed of one alone; at 8 each client's stream drops to under half. Other engines take one at a time.
+# --parallel's default on local weights: 4 concurrent clients got x2.6-3.1 the aggregate tokens/s of one
+# at a time at full size with 128-token replies (AMD EPYC Zen 5, int8dot; docs/benchmarks.md), each
+# stream slower than one alone; at 8 each stream slows further. Other engines take one at a time.
 DEFAULT_PARALLEL = 4
 
 
