@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from rinna_cli import int8dot
+from rinna_cli import native
 
 FORMAT = "rinna-cli-int8-v3"
 # The dtype of the float tensors in the cache (embeddings, layer norms, biases); the
@@ -83,10 +83,14 @@ class QuantLinear(nn.Module):
         self._derived: dict[str, torch.Tensor] = {}
 
     def derived(self, name: str, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """A small tensor derived from the weights (a scale in another dtype), made once."""
+        """A tensor derived from the weights for a kernel (a scale in another dtype, another layout), made once."""
         if name not in self._derived:
             self._derived[name] = make()
         return self._derived[name]
+
+    def forget(self) -> None:
+        """Drop the derived tensors (made again when a kernel asks)."""
+        self._derived.clear()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -121,8 +125,8 @@ def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
 
 
 def _int8dot(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
-    """:func:`int_mm`, bit for bit, in rinna-cli's own few-row kernel (:mod:`rinna_cli.int8dot`)."""
-    return int8dot.library().linear(rows, module.weight, module.scale)
+    """:func:`int_mm`, bit for bit, in rinna-cli's own few-row kernel (:mod:`rinna_cli.native`)."""
+    return native.library().int8dot(rows, module.weight, module.scale)
 
 
 def _int8pack(dtype: torch.dtype):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rinna_cli import int8, int8dot, mapped
+from rinna_cli import int8, mapped, native
 from rinna_cli.int4 import Int4Linear
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
@@ -93,7 +93,7 @@ def cpu_identity() -> tuple[str, str]:
 
 def machine_key(scheme: str) -> dict:
     """What a plan depends on: the CPU (model and flags), torch, the thread count, the scheme, and the C compiler
-    that builds ``int8dot`` (one installed later is worth a new probe and plan)."""
+    that builds rinna-cli's own kernels (one installed later is worth a new probe and plan)."""
     cpu, flags = cpu_identity()
     return {
         "format": PLAN_FORMAT,
@@ -103,7 +103,7 @@ def machine_key(scheme: str) -> dict:
         "capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "compiler": int8dot.compiler() or "",
+        "compiler": native.compiler() or "",
     }
 
 
@@ -124,6 +124,7 @@ def apply(model: nn.Module, plan: Plan) -> None:
         decode, batch, prefill = plan.kernels[kind]
         for module in modules:
             module.decode, module.batch, module.prefill, module.activation = decode, batch, prefill, dtype
+            module.forget()  # what measuring other kernels derived (torch's int4 layout of a sample layer)
     quantized = {
         id(p)
         for m in model.modules()

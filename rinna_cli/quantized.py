@@ -22,9 +22,9 @@ SCHEMES = ("int8", "int4")
 
 
 def _layout(scheme: str, config) -> tuple[str, nn.Module]:
-    """The cache format (with what the packed layout depends on) and the meta-device model of ``scheme``."""
+    """The cache format and the meta-device model of ``scheme``."""
     if scheme == "int4":
-        return f"{int4.FORMAT} ({int4.layout_tag()})", int8.meta_model(config, int4.choose)
+        return int4.FORMAT, int8.meta_model(config, int4.choose)
     return int8.FORMAT, int8.meta_model(config)
 
 
@@ -98,8 +98,18 @@ def load_quantized(
 
 def _resident(model: nn.Module) -> list:
     """The tensors a reply reads and keeps, in the order a prompt reads them: all but int4's prompt copies, which
-    are given back after each prompt (:mod:`rinna_cli.int4`)."""
-    return [tensor for name, tensor in model.named_parameters() if not name.endswith(int4.PROMPT_COPY)]
+    are given back after each prompt, and its codes where torch's int4 kernel reads its own layout made from them
+    (:mod:`rinna_cli.int4`)."""
+    unread = {
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, int4.Int4Linear) and module.decode in int4.TORCH_LAYOUT
+    }
+    return [
+        tensor
+        for name, tensor in model.named_parameters()
+        if not name.endswith(int4.PROMPT_COPY) and name not in unread
+    ]
 
 
 def _stop(probe) -> None:

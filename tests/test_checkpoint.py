@@ -145,7 +145,7 @@ def present(tensors):  # bytes of these tensors' pages mapped into this process 
     return total * 4096
 folder, cache = Path(sys.argv[1]), Path(sys.argv[2])
 config = AutoConfig.from_pretrained(folder)
-plan = kernels.Plan({"int4": ("int4pack_f32", "int4pack_f32", "int_mm"), "int8": ("int8pack_f32", "int8pack_f32", "int8pack_f32")}, "float32")
+plan = kernels.Plan({"int4": ("int4dot", "int4dot", "int_mm"), "int8": ("int8pack_f32", "int8pack_f32", "int8pack_f32")}, "float32")
 model, _ = load_quantized(folder, [folder / "model.safetensors"], config, cache, "int4", plan=plan)
 layers = [m for m in model.modules() if type(m) is int4.Int4Linear]
 copies, weights = [m.prompt_weight for m in layers], [m.weight for m in layers]

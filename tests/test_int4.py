@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from rinna_cli import int4, kernels
+from rinna_cli import int4, kernels, quantized
 from rinna_cli.int8 import Int8Linear
 from rinna_cli.quantized import cache_path, load_quantized
 from rinna_cli.tokenizer import Tokenizer
@@ -27,7 +27,8 @@ def plan(kernel: str, activation: str) -> kernels.Plan:
 def test_group_sizes_follow_the_shape():
     assert int4.group_for(2816, 11264) == int4.GROUP_SIZE == 128
     assert int4.group_for(64, 128) == 64  # the memorized model's layers
-    assert int4.group_for(96, 64) == 32
+    assert int4.group_for(96, 64) == 0  # inputs not a multiple of 64: int4dot cannot take it
+    assert int4.group_for(192, 64) == 64
     assert int4.group_for(64, 482) == 0  # outputs not a multiple of 16: the kernel cannot take it
     assert int4.group_for(48, 64) == 0
 
@@ -76,19 +77,42 @@ def test_a_prompt_through_the_int8_copy_and_decoding_in_int4_give_the_memorized_
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 
 
-def test_the_int4_cache_holds_packed_codes_and_the_prompt_copy_keyed_by_the_packed_layout(
-    memorized_model, tmp_path, monkeypatch
-):
-    load(memorized_model, tmp_path, plan("int4pack", "float32"))
+def test_the_int4_cache_holds_our_codes_and_the_prompt_copy_the_same_on_every_cpu(memorized_model, tmp_path, monkeypatch):
+    load(memorized_model, tmp_path, plan("int4dot", "float32"))
     (path,) = (tmp_path / "int4").glob("*.safetensors")
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad")}
-    packed = state["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"]
+    name = "gpt_neox.layers.0.mlp.dense_h_to_4h"
+    original = load_file(str(memorized_model / "model.safetensors"))[f"{name}.weight"]
+    want = int4.quantize_weight(original, 64)
+    packed = state[f"{name}.weight"]
     assert packed.dtype == torch.uint8 and packed.shape == (128, 32)  # two 4-bit codes per byte
-    assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.scales_zeros"].shape == (1, 128, 2)
-    assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.prompt_weight"].shape == (128, 64)
-    assert state["gpt_neox.layers.0.mlp.dense_h_to_4h.prompt_scale"].shape == (128,)
+    assert torch.equal(packed, want["weight"]) and torch.equal(state[f"{name}.scales_zeros"], want["scales_zeros"])
+    assert state[f"{name}.scales_zeros"].shape == (128, 1, 2)
+    assert state[f"{name}.prompt_weight"].shape == (128, 64)
+    assert state[f"{name}.prompt_scale"].shape == (128,)
     assert state["lm_head.weight"].dtype == torch.int8
     config = AutoConfig.from_pretrained(memorized_model)
     assert cache_path(memorized_model, "int4", tmp_path, config) == path
-    monkeypatch.setattr(int4, "layout_tag", lambda: "torch 9.9, AVX2")  # another torch or CPU packs differently
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cache_path(memorized_model, "int4", tmp_path, config) == path  # rinna-cli's layout on any CPU
+    monkeypatch.setattr(int4, "FORMAT", "rinna-cli-int4-v9")
     assert cache_path(memorized_model, "int4", tmp_path, config) != path
+
+
+def test_codes_unpack_to_what_was_packed_in_blocks_of_64():
+    codes = torch.arange(128).remainder(16).reshape(1, 128).repeat(3, 1)
+    packed = int4.pack(codes)
+    assert packed.shape == (3, 64) and packed[0, 0] == (0 | (32 % 16) << 4) and packed[0, 1] == (1 | (33 % 16) << 4)
+    assert packed[0, 32] == (64 % 16 | (96 % 16) << 4)
+    assert torch.equal(int4.unpack(packed), codes.to(torch.int32))
+
+
+def test_torch_int4_kernel_reads_its_layout_made_in_memory_and_the_codes_are_not_fetched(memorized_model, tmp_path):
+    model, _ = load(memorized_model, tmp_path, plan("int4pack", "float32"))
+    assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
+    layer = model.gpt_neox.layers[0].mlp.dense_h_to_4h
+    assert layer._derived["int4pack"].dtype == torch.uint8
+    resident = {id(t) for t in quantized._resident(model)}
+    assert id(layer.weight) not in resident and id(layer.scales_zeros) in resident
+    model, _ = load(memorized_model, tmp_path, plan("int4dot", "float32"))
+    assert id(model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight) in {id(t) for t in quantized._resident(model)}

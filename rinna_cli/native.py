@@ -1,0 +1,146 @@
+"""rinna-cli's own CPU kernels (``int8dot.c``, ``int4dot.c``), compiled on the machine at their first use.
+
+torch's ``_int_mm`` takes a bandwidth-bound path for one row and oneDNN's compute-bound
+GEMM for two or more, so a batched decode step of 2–8 rows cost about twice one row on
+the AVX-512 Xeon and Zen 5, and on the Zen 3 of 2026-12-03 (torch 2.13) even one row ran
+at a tenth of the memory's speed (docs/benchmarks.md); torch's int4 kernel decoded at a
+third of it there. Reading the weights once per step should be all a decode step costs:
+``int8dot`` does that for int8, giving :func:`rinna_cli.int8.int_mm`'s outputs bit for
+bit (the same IEEE operations in the same order, so a sequence's replies do not depend
+on which of the two multiplied it), and ``int4dot`` for rinna-cli's int4 layout
+(:mod:`rinna_cli.int4`). Both read each weight row once for up to eight rows. They are
+built with the C compiler (``$CC`` or ``cc``) for this CPU (``-march=native``: AVX-512
+VNNI, AVX2 or plain C) into the cache folder, once per source, compiler and CPU; no
+compiler means no such kernels, and the planner (:mod:`rinna_cli.kernels`) measures them
+against torch's like any other.
+
+OpenMP comes from the libgomp torch has loaded (the same soname), so both share one
+pool of threads. ctypes lets go of the GIL during a call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c"))
+
+
+class Unavailable(RuntimeError):
+    """The kernels cannot be built or loaded on this machine."""
+
+
+def compiler() -> str | None:
+    """The C compiler that would build the kernels: ``$CC`` or ``cc`` on the PATH."""
+    return shutil.which(os.environ.get("CC") or "cc")
+
+
+def build(folder: Path, march: str = "native") -> Path:
+    """The shared library for these sources, compiler and CPU in ``folder``, compiled if it is not there yet."""
+    cc = compiler()
+    if cc is None:
+        raise Unavailable("no C compiler (cc) to build it")
+    from rinna_cli.kernels import cpu_identity
+
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise Unavailable(f"{cc} does not run ({err})") from None
+    sources = [source.read_text(encoding="utf-8") for source in SOURCES]
+    identity = "\n".join([*sources, cc, version, march, *cpu_identity()])
+    path = folder / f"native-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    command = [cc, "-O3", f"-march={march}", "-fopenmp", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(temporary)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise Unavailable(f"{cc} failed: {done.stderr.strip()[-300:]}")
+        os.replace(temporary, path)  # a concurrent first start builds the same file
+    except (OSError, subprocess.SubprocessError) as err:
+        raise Unavailable(f"{cc} failed ({err})") from None
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+class Library:
+    """The loaded kernels."""
+
+    def __init__(self, path: Path):
+        self._lib = ctypes.CDLL(str(path))
+        self._lib.rinna_int8dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
+        self._lib.rinna_int4dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        self._lib.rinna_int8dot.restype = self._lib.rinna_int4dot.restype = ctypes.c_int
+        self.paths = {}  # kernel -> "avx512-vnni", "avx2" or "c"
+        for name in ("int8dot", "int4dot"):
+            describe = getattr(self._lib, f"rinna_{name}_path")
+            describe.restype = ctypes.c_char_p
+            self.paths[name] = describe().decode()
+
+    def int8dot(self, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``int8.int_mm(rows, weight, scale)``: rows (m, in) by int8 ``weight`` (out, in) and its float32 scale."""
+        if weight.dtype != torch.int8 or scale.dtype != torch.float32 or rows.shape[1] != weight.shape[1]:
+            raise ValueError(f"int8dot takes int8 weights and float32 scales, not {weight.dtype} {tuple(weight.shape)}")
+        if scale.shape != (weight.shape[0],):
+            raise ValueError(f"int8dot takes one scale per output, not {tuple(scale.shape)}")
+        return self._call(self._lib.rinna_int8dot, rows, weight, scale, weight.shape[1])
+
+    def int4dot(self, rows: torch.Tensor, codes: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+        """rows (m, in) by int4 weights in :mod:`rinna_cli.int4`'s layout: ``codes`` (out, in / 2) uint8 and
+        ``scales_zeros`` (out, groups, 2) bfloat16, groups of 64, 128 or 256 inputs."""
+        out_features, in_features = codes.shape[0], codes.shape[1] * 2
+        groups = scales_zeros.shape[1] if scales_zeros.dim() == 3 else 0
+        group = in_features // groups if groups else 0
+        if codes.dtype != torch.uint8 or rows.shape[1] != in_features:
+            raise ValueError(f"int4dot takes uint8 codes of the rows' inputs, not {codes.dtype} {tuple(codes.shape)}")
+        if (
+            scales_zeros.dtype != torch.bfloat16
+            or scales_zeros.shape != (out_features, groups, 2)
+            or group not in (64, 128, 256)
+            or group * groups != in_features
+        ):
+            raise ValueError(
+                f"int4dot takes bfloat16 scales per group of 64, 128 or 256, not {tuple(scales_zeros.shape)}"
+            )
+        return self._call(self._lib.rinna_int4dot, rows, codes, scales_zeros, in_features, group)
+
+    @staticmethod
+    def _call(function, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *sizes: int) -> torch.Tensor:
+        rows, weight, scale = rows.float().contiguous(), weight.contiguous(), scale.contiguous()
+        m, n = rows.shape[0], weight.shape[0]
+        out = torch.empty(m, n, dtype=torch.float32)
+        failed = function(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, *sizes,
+                          torch.get_num_threads())  # fmt: skip
+        if failed:
+            raise MemoryError("the native kernel could not allocate its rows")
+        return out
+
+
+@functools.cache
+def _load() -> Library | Unavailable:
+    from rinna_cli.config import cache_dir
+
+    try:
+        return Library(build(cache_dir() / "native"))
+    except Unavailable as err:
+        return err
+    except OSError as err:  # a library that does not load
+        return Unavailable(str(err))
+
+
+def library() -> Library:
+    """This machine's build of the kernels, made once per process (:class:`Unavailable` if it cannot be had)."""
+    found = _load()
+    if isinstance(found, Unavailable):
+        raise Unavailable(str(found))
+    return found

@@ -1,0 +1,167 @@
+"""rinna-cli's own kernels on every path they can build: int8dot gives int_mm's very outputs, int4dot the int4
+weights' product with per-group int8 activations, each row alone as in a batch; none without a compiler."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rinna_cli import int4, int8, kernels, native
+
+FLAGS = set(kernels.cpu_identity()[1].split())
+# -march values for each path of int8dot.c and int4dot.c, and what this CPU needs to run their code
+MARCHES = {
+    "native": set(),
+    "x86-64-v3": {"avx2", "fma", "bmi2"},  # the AVX2 path
+    "x86-64": set(),  # plain C
+}
+SHAPES = [(96, 256), (33, 100), (7, 65), (16, 2816), (40, 11264)]  # odd outputs, inputs not a multiple of 64 or 16
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, native.Library]:
+    folder = tmp_path_factory.mktemp("native")
+    return {march: native.Library(native.build(folder, march)) for march, needs in MARCHES.items() if needs <= FLAGS}
+
+
+@pytest.mark.parametrize("march", MARCHES)
+def test_every_path_gives_int_mms_outputs_bit_for_bit(built, march):
+    if march not in built:
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    library = built[march]
+    torch.manual_seed(3)
+    for rows in (1, 2, 5, 8, 9, 17):
+        for out_features, in_features in SHAPES:
+            x = torch.randn(rows, in_features) * torch.logspace(-3, 2, rows)[:, None]
+            w, scale = int8.quantize_weight(torch.randn(out_features, in_features))
+            got, want = library.int8dot(x, w, scale), int8.int_mm(x, w, scale)
+            assert got.dtype == torch.float32 and torch.equal(got, want), (march, rows, out_features, in_features)
+    # ties round to even as torch.round does, an all-zero row is clamped, the largest sums do not overflow
+    ties = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 126.5, -126.5], [0.0] * 8, [-127.0] * 8])
+    ones = torch.tensor([1.0] * 3)
+    assert torch.equal(library.int8dot(ties, torch.tensor([[1] * 8, [-127] * 8, [127] * 8], dtype=torch.int8), ones),
+                       int8.int_mm(ties, torch.tensor([[1] * 8, [-127] * 8, [127] * 8], dtype=torch.int8), ones))  # fmt: skip
+    most = torch.full((2, 4096), -127, dtype=torch.int8)
+    got = library.int8dot(torch.full((1, 4096), -1.0), most, torch.ones(2))  # sums of 127 * 127 * 4096
+    assert torch.equal(got, int8.int_mm(torch.full((1, 4096), -1.0), most, torch.ones(2)))
+    assert got.tolist() == [[pytest.approx(127.0 * 4096)] * 2]
+
+
+def int4_reference(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """What int4dot computes, in float64: x quantized to int8 per group, times the dequantized weights."""
+    out_features, in_features = codes.shape
+    group = in_features // pairs.shape[1]
+    groups = x.double().reshape(x.shape[0], -1, group)
+    step = groups.abs().amax(dim=2, keepdim=True).clamp(min=1e-8) / 127
+    rows = (torch.round((groups / step).float()).double() * step).reshape(x.shape[0], in_features)
+    weight = (codes.double().reshape(out_features, -1, group) - 8) * pairs[..., :1].double() + pairs[..., 1:].double()
+    return rows @ weight.reshape(out_features, in_features).T
+
+
+@pytest.mark.parametrize("march", MARCHES)
+def test_int4dot_on_every_path_is_the_int4_product_and_each_row_as_if_alone(built, march):
+    if march not in built:
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    library = built[march]
+    torch.manual_seed(4)
+    for group, (out_features, in_features) in [(64, (96, 64)), (64, (33, 192)), (128, (48, 2816)), (256, (17, 512))]:
+        codes = torch.randint(0, 16, (out_features, in_features))
+        pairs = (torch.randn(out_features, in_features // group, 2) * 0.05).to(torch.bfloat16)
+        packed = int4.pack(codes)
+        assert torch.equal(int4.unpack(packed), codes.to(torch.int32))
+        for rows in (1, 2, 5, 8, 9, 17):
+            x = torch.randn(rows, in_features) * torch.logspace(-3, 2, rows)[:, None]
+            got = library.int4dot(x, packed, pairs)
+            want = int4_reference(x, codes, pairs)
+            assert got.dtype == torch.float32 and got.shape == (rows, out_features)
+            assert ((got.double() - want).norm() / want.norm()) < 1e-5, (march, group, rows)
+            for i in (0, rows - 1):
+                assert torch.equal(library.int4dot(x[i : i + 1], packed, pairs), got[i : i + 1]), (march, rows, i)
+    # the largest sums do not overflow 16 bits: every code 15 against -127, 256 inputs a group
+    most = int4.pack(torch.full((2, 512), 15))
+    pairs = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]] * 2, dtype=torch.bfloat16)
+    assert library.int4dot(torch.full((1, 512), -1.0), most, pairs).tolist() == [[-(15 - 8) * 512.0] * 2]
+
+
+def test_the_native_build_takes_the_widest_path_this_cpu_has(built):
+    want = "avx512-vnni" if {"avx512_vnni", "avx512bw"} <= FLAGS else "avx2" if "avx2" in FLAGS else "c"
+    assert built["native"].paths == {"int8dot": want, "int4dot": want}
+    if "x86-64" in built:
+        assert built["x86-64"].paths == {"int8dot": "c", "int4dot": "c"}
+
+
+def test_wrong_operands_are_refused_and_no_rows_are_none(built):
+    library = built["native"]
+    weight = torch.zeros(8, 64, dtype=torch.int8)
+    assert library.int8dot(torch.zeros(0, 64), weight, torch.ones(8)).shape == (0, 8)
+    with pytest.raises(ValueError, match="int8dot takes int8 weights"):
+        library.int8dot(torch.zeros(2, 64), weight.float(), torch.ones(8))
+    with pytest.raises(ValueError, match="int8dot takes int8 weights"):
+        library.int8dot(torch.zeros(2, 32), weight, torch.ones(8))
+    with pytest.raises(ValueError, match="one scale per output"):
+        library.int8dot(torch.zeros(2, 64), weight, torch.ones(4))
+    codes, pairs = torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(16, 1, 2, dtype=torch.bfloat16)
+    assert library.int4dot(torch.zeros(0, 128), codes, pairs).shape == (0, 16)
+    with pytest.raises(ValueError, match="int4dot takes uint8 codes"):
+        library.int4dot(torch.zeros(2, 64), codes, pairs)
+    with pytest.raises(ValueError, match="per group of 64, 128 or 256"):
+        library.int4dot(torch.zeros(2, 128), codes, torch.zeros(16, 4, 2, dtype=torch.bfloat16))  # groups of 32
+    with pytest.raises(ValueError, match="per group of 64, 128 or 256"):
+        library.int4dot(torch.zeros(2, 128), codes, pairs.float())
+
+
+def test_it_is_compiled_once_per_source_compiler_and_cpu(tmp_path, monkeypatch):
+    first = native.build(tmp_path)
+    built_at = first.stat().st_mtime_ns
+    real = subprocess.run
+
+    def no_compiling(command, *args, **kwargs):
+        assert "--version" in command, "compiled again"
+        return real(command, *args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", no_compiling)
+    assert native.build(tmp_path) == first and first.stat().st_mtime_ns == built_at
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left
+
+
+def test_no_compiler_means_no_kernel_and_the_others_still_work(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    with pytest.raises(native.Unavailable, match="no C compiler"):
+        native.build(tmp_path)
+    env = {**os.environ, "RINNA_CLI_HOME": str(tmp_path)}
+    child = subprocess.Popen(
+        [sys.executable, "-c", kernels._PROBE], stdout=subprocess.PIPE, text=True, env=env,
+        cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    working = kernels.finish_probe(child)
+    assert child.returncode == 0
+    assert "int8:int8dot" not in working and "int4:int4dot" not in working
+    assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS if name != "int8dot"} <= working
+    assert {f"int4:{name}" for name in int4.Int4Linear.KERNELS if name != "int4dot"} <= working
+
+
+def test_a_compiler_installed_later_is_probed_and_planned_for(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    without = kernels.machine_key("int8")
+    env = {**os.environ, "RINNA_CLI_HOME": str(tmp_path / "home")}
+    child = subprocess.Popen([sys.executable, "-c", kernels._PROBE], stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert "int8:int8dot" not in kernels.probe_answer(child, tmp_path)
+    assert kernels.cached_probe(tmp_path) is not None  # saved for this machine as it is
+    monkeypatch.delenv("CC")
+    assert without["compiler"] == "" and kernels.machine_key("int8")["compiler"] == native.compiler() != ""
+    assert kernels.cached_probe(tmp_path) is None  # with a compiler: probed again, and the plan's key differs
+
+
+def test_a_compiler_error_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    broken = tmp_path / "cc"
+    broken.write_text("#!/bin/sh\n[ \"$1\" = --version ] && echo broken 1.0 && exit 0\necho 'cc: error: no' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.raises(native.Unavailable, match=r"failed: cc: error: no$"):
+        native.build(tmp_path / "out")
