@@ -10,11 +10,11 @@
  * q = round-half-even(x / step)), as llama.cpp quantizes activations for its Q4_0 dot
  * products; then per group the exact int32 sum D = sum(code * q) (codes are unsigned, so
  * vpmaddubsw / vpdpbusd take them as they are) and S = sum(q), and
- *   out = sum over g of (float)D * (scale * step) + (zero - 8 * scale) * (step * S).
- * The order of the float operations is fixed per path and the same for every row, so a
- * row's output does not depend on the other rows multiplied with it. Each weight row is
- * read once for up to MAXM rows; built like int8dot.c (-march=native: AVX-512 VNNI, AVX2
- * or plain C).
+ *   out = sum over g of (float)D * (scale * step)  +  sum over g of (zero - 8 * scale) * (step * S),
+ * the second sum a dot product per row after the first. The order of the float operations
+ * is fixed per path and the same for every row, so a row's output does not depend on the
+ * other rows multiplied with it. Each weight row is read from memory once per call, for
+ * all the rows; built like int8dot.c (-march=native: AVX-512 VNNI, AVX2 or plain C).
  */
 #include <math.h>
 #include <omp.h>
@@ -25,8 +25,8 @@
 #include <immintrin.h>
 #endif
 
-#define MAXM 8   /* rows per pass over the weights */
-#define GROUP 4  /* rows per block, their accumulators in registers; rows past it in a second block */
+#define GROUP 4  /* rows per block, their accumulators in registers */
+#define L2_BYTES 131072 /* of weight rows per chunk, kept in the L2 cache while every row multiplies them */
 
 static inline float bf16(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -34,6 +34,23 @@ static inline float bf16(uint16_t v) {
     memcpy(&f, &bits, 4);
     return f;
 }
+
+#define MAXG 1024 /* groups per row at most (K <= 65536 at groups of 64) */
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
+/* sum of a[g] * b[g], eight lanes, in a fixed order (the same for every row) */
+static inline float dot(const float *a, const float *b, int n) {
+    __m256 acc = _mm256_setzero_ps();
+    int g = 0;
+    for (; g + 8 <= n; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + g), _mm256_loadu_ps(b + g), acc);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float sum = _mm_cvtss_f32(h);
+    for (; g < n; g++) sum = fmaf(a[g], b[g], sum);
+    return sum;
+}
+#endif
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define PATH "avx512-vnni"
@@ -50,14 +67,14 @@ static inline __attribute__((always_inline)) void block(const int8_t *x, const u
                                                          const int m, int n, int N, int K, int qg) {
     const int G = K / qg, blocks = qg / 64;
     __m512 acc[GROUP];
-    float bias[GROUP];
-    for (int i = 0; i < m; i++) acc[i] = _mm512_setzero_ps(), bias[i] = 0.0f;
+    float shifts[MAXG]; /* zero - 8 * scale per group: the sums of q times it are a dot product per row, after */
+    for (int i = 0; i < m; i++) acc[i] = _mm512_setzero_ps();
     const uint8_t *row = w + (size_t)n * (K / 2);
     for (int g = 0; g < G; g++) {
         const uint8_t *at = row + (size_t)g * (qg / 2);
-        _mm_prefetch((const char *)(at + 1024), _MM_HINT_T0);
+        _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);
         float scale = bf16(sz[2 * ((size_t)n * G + g)]), zero = bf16(sz[2 * ((size_t)n * G + g) + 1]);
-        float shift = zero - 8.0f * scale;
+        shifts[g] = zero - 8.0f * scale;
         __m512i d[GROUP];
         for (int i = 0; i < m; i++) d[i] = _mm512_setzero_si512();
         for (int b = 0; b < blocks; b++) {
@@ -67,10 +84,10 @@ static inline __attribute__((always_inline)) void block(const int8_t *x, const u
         }
         for (int i = 0; i < m; i++) {
             acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i]), _mm512_set1_ps(scale * steps[(size_t)i * G + g]), acc[i]);
-            bias[i] = fmaf(shift, totals[(size_t)i * G + g], bias[i]);
         }
     }
-    for (int i = 0; i < m; i++) out[(size_t)i * N + n] = _mm512_reduce_add_ps(acc[i]) + bias[i];
+    for (int i = 0; i < m; i++)
+        out[(size_t)i * N + n] = _mm512_reduce_add_ps(acc[i]) + dot(shifts, totals + (size_t)i * G, G);
 }
 
 #elif defined(__AVX2__)
@@ -89,14 +106,14 @@ static inline __attribute__((always_inline)) void block(const int8_t *x, const u
     const int G = K / qg, blocks = qg / 64;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     __m256 acc[GROUP];
-    float bias[GROUP];
-    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps(), bias[i] = 0.0f;
+    float shifts[MAXG]; /* zero - 8 * scale per group: the sums of q times it are a dot product per row, after */
+    for (int i = 0; i < m; i++) acc[i] = _mm256_setzero_ps();
     const uint8_t *row = w + (size_t)n * (K / 2);
     for (int g = 0; g < G; g++) {
         const uint8_t *at = row + (size_t)g * (qg / 2);
-        _mm_prefetch((const char *)(at + 1024), _MM_HINT_T0);
+        _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);
         float scale = bf16(sz[2 * ((size_t)n * G + g)]), zero = bf16(sz[2 * ((size_t)n * G + g) + 1]);
-        float shift = zero - 8.0f * scale;
+        shifts[g] = zero - 8.0f * scale;
         /* codes <= 15 and |q| <= 127: a 16-bit pair sum is at most 3810, eight of them (256 inputs) 30480 */
         __m256i p[GROUP];
         for (int i = 0; i < m; i++) p[i] = _mm256_setzero_si256();
@@ -112,10 +129,9 @@ static inline __attribute__((always_inline)) void block(const int8_t *x, const u
         for (int i = 0; i < m; i++) {
             __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p[i], ones));
             acc[i] = _mm256_fmadd_ps(d, _mm256_set1_ps(scale * steps[(size_t)i * G + g]), acc[i]);
-            bias[i] = fmaf(shift, totals[(size_t)i * G + g], bias[i]);
         }
     }
-    for (int i = 0; i < m; i++) out[(size_t)i * N + n] = hsum(acc[i]) + bias[i];
+    for (int i = 0; i < m; i++) out[(size_t)i * N + n] = hsum(acc[i]) + dot(shifts, totals + (size_t)i * G, G);
 }
 
 #else
@@ -163,14 +179,10 @@ static void quantize(const float *row, int8_t *q, float *steps, float *totals, i
     }
 }
 
+/* Constant row counts, so that the accumulators stay in registers. */
 #define ROWS(M)                                                                                           \
     case M:                                                                                               \
-        for (int n = lo; n < hi; n++) {                                                                   \
-            block(x, w, sz, st, tt, o, M < GROUP ? M : GROUP, n, N, K, qg);                               \
-            if (M > GROUP)                                                                                \
-                block(x + (size_t)GROUP * K, w, sz, st + (size_t)GROUP * G, tt + (size_t)GROUP * G,       \
-                      o + (size_t)GROUP * N, M - GROUP, n, N, K, qg);                                     \
-        }                                                                                                 \
+        for (int n = n0; n < n1; n++) block(x, w, sz, st, tt, o, M, n, N, K, qg);                         \
         break;
 
 /* out (M x N) = rows (M x K) times the dequantized weights transposed, in groups of qg inputs (64, 128 or
@@ -178,7 +190,7 @@ static void quantize(const float *row, int8_t *q, float *steps, float *totals, i
 int rinna_int4dot(const float *rows, const uint8_t *w, const uint16_t *sz, float *out, int M, int N, int K,
                   int qg, int threads) {
     if (M <= 0 || N <= 0) return 0;
-    if (qg % 64 || qg < 64 || qg > 256 || K % qg) return 2;
+    if (qg % 64 || qg < 64 || qg > 256 || K % qg || K / qg > MAXG) return 2;
     const int G = K / qg;
     int8_t *q = malloc((size_t)M * K);
     float *steps = malloc(sizeof(float) * (size_t)M * G), *totals = malloc(sizeof(float) * (size_t)M * G);
@@ -190,16 +202,21 @@ int rinna_int4dot(const float *rows, const uint8_t *w, const uint16_t *sz, float
     }
     for (int i = 0; i < M; i++)
         quantize(rows + (size_t)i * K, q + (size_t)i * K, steps + (size_t)i * G, totals + (size_t)i * G, K, qg);
+    /* Weight rows in chunks of about L2_BYTES, each read from memory once for all the rows, GROUP at a time */
+    int chunk = L2_BYTES / (K / 2);
+    chunk = chunk < 1 ? 1 : chunk;
 #pragma omp parallel num_threads(threads)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int lo = (int)((long)N * t / nt), hi = (int)((long)N * (t + 1) / nt);
-        for (int m0 = 0; m0 < M; m0 += MAXM) {
-            int m = M - m0 < MAXM ? M - m0 : MAXM;
-            const int8_t *x = q + (size_t)m0 * K;
-            const float *st = steps + (size_t)m0 * G, *tt = totals + (size_t)m0 * G;
-            float *o = out + (size_t)m0 * N;
-            switch (m) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8) }
+        for (int n0 = lo; n0 < hi; n0 += chunk) {
+            int n1 = hi - n0 < chunk ? hi : n0 + chunk;
+            for (int m0 = 0; m0 < M; m0 += GROUP) {
+                const int8_t *x = q + (size_t)m0 * K;
+                const float *st = steps + (size_t)m0 * G, *tt = totals + (size_t)m0 * G;
+                float *o = out + (size_t)m0 * N;
+                switch (M - m0 < GROUP ? M - m0 : GROUP) { ROWS(1) ROWS(2) ROWS(3) ROWS(4) }
+            }
         }
     }
     free(q);
