@@ -156,6 +156,10 @@ class Int4Linear(QuantLinear):
         """The cache tensors of this layer, called ``name`` in the model, from its full-precision weight."""
         return {f"{name}.{key}": tensor for key, tensor in quantize_weight(weight, self.group_size).items()}
 
+    def prepare(self) -> None:
+        if self.decode in TORCH_LAYOUT or self.batch in TORCH_LAYOUT:
+            self.derived("int4pack", self.torch_layout)
+
     def torch_layout(self) -> torch.Tensor:
         """The codes in torch's int4 layout; the cache's pages of ours are given back (the plan does not read them)."""
         packed = torch._convert_weight_to_int4pack_for_cpu(unpack(self.weight), _INNER_K_TILES)

@@ -93,7 +93,8 @@ def cpu_identity() -> tuple[str, str]:
 
 def machine_key(scheme: str) -> dict:
     """What a plan depends on: the CPU (model and flags), torch, the thread count, the scheme, and the C compiler
-    that builds rinna-cli's own kernels (one installed later is worth a new probe and plan)."""
+    that builds rinna-cli's own kernels and their sources (a compiler installed later, or a new version of the
+    kernels, is worth a new probe and plan)."""
     cpu, flags = cpu_identity()
     return {
         "format": PLAN_FORMAT,
@@ -104,6 +105,7 @@ def machine_key(scheme: str) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "compiler": native.compiler() or "",
+        "native": native.version(),
     }
 
 
@@ -125,6 +127,7 @@ def apply(model: nn.Module, plan: Plan) -> None:
         for module in modules:
             module.decode, module.batch, module.prefill, module.activation = decode, batch, prefill, dtype
             module.forget()  # what measuring other kernels derived (torch's int4 layout of a sample layer)
+            module.prepare()
     quantized = {
         id(p)
         for m in model.modules()

@@ -109,9 +109,9 @@ def test_codes_unpack_to_what_was_packed_in_blocks_of_64():
 
 def test_torch_int4_kernel_reads_its_layout_made_in_memory_and_the_codes_are_not_fetched(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path, plan("int4pack", "float32"))
-    assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
     layer = model.gpt_neox.layers[0].mlp.dense_h_to_4h
-    assert layer._derived["int4pack"].dtype == torch.uint8
+    assert layer._derived["int4pack"].dtype == torch.uint8  # made while loading, not in the first reply
+    assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
     resident = {id(t) for t in quantized._resident(model)}
     assert id(layer.weight) not in resident and id(layer.scales_zeros) in resident
     model, _ = load(memorized_model, tmp_path, plan("int4dot", "float32"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-from rinna_cli import int8, kernels
+from rinna_cli import int8, kernels, native
 from rinna_cli.quantized import load_quantized
 
 FIXED = kernels.Plan({"int8": ("int_mm", "int_mm", "int_mm")}, "float32")
@@ -35,16 +35,20 @@ def test_a_plan_survives_its_json():
     assert kernels.Plan.from_json(plan.to_json()) == plan
 
 
-def test_the_key_names_cpu_torch_threads_and_scheme():
+def test_the_key_names_cpu_torch_threads_scheme_and_the_kernels_sources(monkeypatch, tmp_path):
     key = kernels.machine_key("int4")
     assert key["scheme"] == "int4" and key["torch"] == torch.__version__ and key["threads"] == torch.get_num_threads()
     assert key["cpu"] and len(key["flags"]) == 16 and key["capability"] == torch.backends.cpu.get_cpu_capability()
+    newer = tmp_path / "int4dot.c"
+    newer.write_text(native.SOURCES[1].read_text() + "/* faster */\n")
+    monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], newer))
+    assert kernels.machine_key("int4") == {**key, "native": native.version()} != key  # a new kernel: plan again
 
 
 def test_the_probe_keeps_only_kernels_that_ran_and_were_right():
     working = kernels.finish_probe(kernels.start_probe())
     assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS} <= working  # all run on this machine
-    assert "int4:int4pack" in working
+    assert {"int4:int4pack", "int4:int4dot", "int8:int8dot"} <= working
 
 
 def test_a_crash_in_the_probe_loses_only_the_kernels_not_yet_reported():
