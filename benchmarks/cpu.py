@@ -17,7 +17,8 @@ a fresh process of its own (``cpu.py --worker KIND ARGS``), so each peak RSS is 
   against float32 for 16 random N(0, 1) input rows, int8 and int4, from the checkpoint.
 * **llama.cpp**, where ``--llama-cpp DIR`` or ``$LLAMA_CPP`` names a checkout built with
   ``llama-bench`` and ``llama-quantize``: the same model as Q8_0 and Q4_0 GGUF (made once),
-  ``llama-bench`` decode and prefill, and the engine's ratios to them.
+  ``llama-bench`` decode and prefill once per round (after the round's paths), and the engine's ratios to them
+  round by round.
 
 Ratios are reported as measured in this run; nothing is asserted.
 """
@@ -242,11 +243,10 @@ def write_pickle(folder: Path) -> Path:
     return target
 
 
-def llama_cpp(source: Path, folder: Path, threads: int, prompt_tokens: int) -> dict:
-    """llama.cpp's ``llama-bench`` on the same random model as Q8_0 and Q4_0: {"Q8_0": {"tg", "pp"}, ...} tokens/s.
+def llama_models(source: Path, folder: Path) -> dict[str, Path]:
+    """The same random model as Q8_0 and Q4_0 GGUF files beside it, made once (benchmarks/llama_gguf.py).
 
-    ``source`` is a llama.cpp checkout built with ``llama-bench`` and ``llama-quantize`` in
-    ``build/bin``; the GGUF files are made once (benchmarks/llama_gguf.py), beside the model.
+    ``source`` is a llama.cpp checkout built with ``llama-bench`` and ``llama-quantize`` in ``build/bin``.
     """
     tools = source / "build" / "bin"
     files = {kind: folder.parent / f"{folder.name}-{kind.lower()}.gguf" for kind in ("Q8_0", "Q4_0")}
@@ -262,9 +262,14 @@ def llama_cpp(source: Path, folder: Path, threads: int, prompt_tokens: int) -> d
         log(f"llama.cpp: writing {path.name}")
         subprocess.run(command, check=True, capture_output=True)
         part.replace(path)
-    command = [str(tools / "llama-bench"), *(a for p in files.values() for a in ("-m", str(p))), "-t", str(threads),
-               "-p", str(prompt_tokens), "-n", str(NEW_TOKENS), "-r", "2", "-o", "json"]
-    log("llama.cpp: llama-bench")
+    return files
+
+
+def llama_bench(source: Path, files: dict[str, Path], threads: int, prompt_tokens: int) -> dict:
+    """One ``llama-bench`` repetition of each file: {"Q8_0": {"tg", "pp"}, ...} tokens/s (run once per round, so that
+    a busy moment of a shared machine slows llama.cpp as much as the rounds beside it)."""
+    command = [str(source / "build" / "bin" / "llama-bench"), *(a for p in files.values() for a in ("-m", str(p))),
+               "-t", str(threads), "-p", str(prompt_tokens), "-n", str(NEW_TOKENS), "-r", "1", "-o", "json"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:  # its AMX repack path crashed on the AMX Xeon
         done = subprocess.run([*command, "--repack", "0"], capture_output=True, text=True, check=True)
@@ -316,19 +321,20 @@ def markdown(results: dict) -> str:
         row("RSS after the engine's reply GB (last round)",
             lambda rs: f"{rs[-1]['engine_rss_after'] / gb:.2f}" if "engine_rss_after" in rs[-1] else "—")
         row("kernels", lambda rs: rs[-1]["plan"] or "oneDNN bfloat16")
-        llama = results.get("llama.cpp")
+        llama = results.get("llama.cpp")  # one llama-bench per round, after the round's paths
         if llama:
+            prompt = results["prompt_tokens"]
             lines += ["", f"llama.cpp ({results['llama.cpp source']}), `llama-bench -t {results['threads']} -p "
-                      f"{results['prompt_tokens']} -n {NEW_TOKENS} -r 2`: " + "; ".join(
-                          f"{kind} decode {v['tg']:.2f} tok/s, prefill of {results['prompt_tokens']} tokens "
-                          f"{results['prompt_tokens'] / v['pp']:.2f} s" for kind, v in llama.items())]
+                      f"{prompt} -n {NEW_TOKENS} -r 1` once per round: " + "; ".join(
+                          f"{kind} decode " + ", ".join(f"{r[kind]['tg']:.2f}" for r in llama) + " tok/s, prefill of "
+                          f"{prompt} tokens " + ", ".join(f"{prompt / r[kind]['pp']:.2f}" for r in llama) + " s"
+                          for kind in llama[0])]
             for path, kind in (("int8", "Q8_0"), ("int4", "Q4_0")):
-                engine = [r for r in runs[path] if "engine_tok_s" in r]
-                if engine and kind in llama:
-                    tg, ttft = llama[kind]["tg"], results["prompt_tokens"] / llama[kind]["pp"]
+                pairs = [(r, b[kind]) for r, b in zip(runs[path], llama) if "engine_tok_s" in r and kind in b]
+                if pairs:
                     lines.append(f"* rinna-cli {path} (engine) against llama.cpp {kind}, per round: decode ×"
-                                 + ", ×".join(f"{r['engine_tok_s'] / tg:.2f}" for r in engine) + "; prefill ×"
-                                 + ", ×".join(f"{ttft / r['engine_ttft_s']:.2f}" for r in engine))
+                                 + ", ×".join(f"{r['engine_tok_s'] / b['tg']:.2f}" for r, b in pairs) + "; prefill ×"
+                                 + ", ×".join(f"{prompt / b['pp'] / r['engine_ttft_s']:.2f}" for r, b in pairs))
         base = runs["bf16"]
         if base:
             lines.append("")
@@ -385,15 +391,17 @@ def collect(layers: int = 36, rounds: int = 2, threads: int = 2, first: bool = T
                     results[f"first {scheme} {label}"] = run_worker(
                         "first", {**base, "folder": str(source), "file": file, "cache": fresh, "scheme": scheme})
                 log(json.dumps(results[f"first {scheme} {label}"])[:300])
+    gguf = llama_models(llama, folder) if llama is not None else {}
     for round_ in range(rounds):
         for path in PATHS:
             log(f"round {round_ + 1}: {path}")
             outcome = run_worker("generate", {**base, "path": path, "prompt_ids": prompt_ids})
             results.setdefault(f"generate {path}", []).append(outcome)
             log(json.dumps(outcome)[:300])
-    if llama is not None:
-        results["llama.cpp source"] = str(llama)
-        results["llama.cpp"] = llama_cpp(llama, folder, threads, len(prompt_ids))
+        if llama is not None:
+            log(f"round {round_ + 1}: llama.cpp")
+            results["llama.cpp source"] = str(llama)
+            results.setdefault("llama.cpp", []).append(llama_bench(llama, gguf, threads, len(prompt_ids)))
     if quality:
         log("layer errors")
         results["quality"] = run_worker("quality", base)
