@@ -11,10 +11,11 @@ Zen 3 of docs/benchmarks.md). torch's kernel (``int4pack``) wants its own layout
 depends on the CPU's vector width; it is made from the codes in memory when the plan
 picks it (a machine without a C compiler), and the codes' pages are given back then.
 
-Both int4 kernels are slow for a prompt (on the AMX Xeon torch's took 32 ms for 48 rows
-of one matrix, against 5.8 ms for ``_int_mm``), so each layer also keeps a *prompt
-copy*: the int4 weights as dequantized, requantized to int8 per row, for ``_int_mm``
-(the prefill-only kernel ``int_mm``). It doubles the cache file, not memory: a layer's
+torch's int4 kernel is slow for a prompt (on the AMX Xeon it took 32 ms for 48 rows of
+one matrix, against 5.8 ms for ``_int_mm``), so each layer also keeps a *prompt copy*:
+the int4 weights as dequantized, requantized to int8 per row, for ``_int_mm`` (the
+prefill-only kernel ``int_mm``; where ``_int_mm`` is slow too, as on the Zen 3 with
+torch 2.13, the planner gives prompts to ``int4dot`` and the copy is never read). It doubles the cache file, not memory: a layer's
 copy is read for a prompt and its pages given back to the system right after
 (:mod:`rinna_cli.mapped`), so the int4 weights and one matrix's copy are all that is
 ever resident; the next prompt reads the copy again from the page cache (0.1–0.16 s for

@@ -47,6 +47,9 @@ ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 _SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU cache
 _HOPELESS = 10  # a kernel this many times slower than the fastest after the warm-up is not timed again
+# What a kind decodes with when the budget ran out before any of its kernels was timed: rinna-cli's own where they
+# run (the fastest measured on every CPU class but the AMX Xeon's int8), else torch's.
+_UNMEASURED = {"int8": ("int8dot", "int_mm"), "int4": ("int4dot", "int4pack")}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Plan:
     key: dict = field(default_factory=dict)  # what the plan was measured on (machine_key)
     timings_ms: dict = field(default_factory=dict)  # per candidate, for the benchmark report
     seconds: float = 0.0  # time spent planning
+    whole: bool = True  # every phase of every kind measured (a plan the budget cut short is not saved)
 
     def describe(self) -> str:
         """One line for ``--stats`` and ``--json``, e.g. ``int8 decode int8dot, batch int8dot, prefill int_mm; float32``."""
@@ -347,6 +351,10 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     """
     began = time.perf_counter()
     kinds = kinds_of(model)
+    # the sampled layers read in first: from a cold page cache the first kernel timed would read them from the disk
+    # and take the budget (2 s of int4dot's warm-up after a bfloat16 run evicted them, on the Zen 3 of 2026-12-03)
+    sampled = [m for modules in kinds.values() for m in _samples(modules, _SAMPLES)[0]]
+    mapped.fetch_ahead([p for m in sampled for n, p in m.named_parameters() if n != "bias"]).join()
     names = {
         kind: [n for n in KINDS[kind].KERNELS if working is None or f"{kind}:{n}" in working] or [KINDS[kind].decode]
         for kind in kinds
@@ -386,7 +394,14 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         )
         return seconds is not None and fastest is not None and seconds <= 3 * fastest
 
-    fast = {kind: choice.get(activation, {}).get(kind, KINDS[kind].decode) for kind in kinds}
+    def unmeasured(kind: str) -> str:
+        """The fastest decode kernel measured in any dtype, else the first working of :data:`_UNMEASURED`."""
+        timed = {k: v for k, v in decode.items() if k.startswith(f"decode {kind}/")}
+        if timed:
+            return min(timed, key=timed.__getitem__).split("/")[1].split(" ")[0]
+        return next((n for n in _UNMEASURED[kind] if n in names[kind]), KINDS[kind].decode)
+
+    fast = {kind: choice.get(activation, {}).get(kind) or unmeasured(kind) for kind in kinds}
     kin = {  # the decode kernel first: a run that ends later than the budget leaves is not counted
         kind: sorted(
             (n for n in names[kind] if n in KINDS[kind].SAME_ROWS and promising(kind, n)), key=lambda n: n != fast[kind]
@@ -402,10 +417,10 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         for name in kin[kind]
     }
     batch = _race(batch_runs, began + budget_s * 0.7)
-    prefill_runs = {
-        f"prefill {kind}/{name} {activation}": _linear_pass(modules, name, PREFILL_ROWS, dtype, 1)
-        for kind, modules in kinds.items()
-        if not (kind == "int8" and "int4" in kinds)  # in an int4 model the int8 layer is the output head: one row
+    prompted = [kind for kind in kinds if not (kind == "int8" and "int4" in kinds)]  # an int4 model's int8 layer is
+    prefill_runs = {  # the output head, which multiplies one row
+        f"prefill {kind}/{name} {activation}": _linear_pass(kinds[kind], name, PREFILL_ROWS, dtype, 1)
+        for kind in prompted
         for name in sorted(names[kind], key=lambda n: (n != fast[kind], n in KINDS[kind].PREFILL_ONLY))
         if promising(kind, name)
     }
@@ -417,7 +432,8 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
 
     kernels = {kind: (fast[kind], fastest(batch, "batch", kind), fastest(prefill, "prefill", kind)) for kind in kinds}
     timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **batch, **prefill}.items()}
-    return Plan(kernels, activation, machine_key(scheme), timings, round(time.perf_counter() - began, 3))
+    whole = activation in cost and all(any(k.startswith(f"prefill {kind}/") for k in prefill) for kind in prompted)
+    return Plan(kernels, activation, machine_key(scheme), timings, round(time.perf_counter() - began, 3), whole)
 
 
 def cached_plan(path: Path, scheme: str) -> Plan | None:

@@ -88,7 +88,8 @@ def load_quantized(
             working = kernels.probe_answer(probe or kernels.start_probe(), cache_dir)
         plan = kernels.measure(loaded, scheme, working)
         try:
-            kernels.save_plan(plan_path, plan)
+            if plan.whole:  # else measured again next time
+                kernels.save_plan(plan_path, plan)
         except OSError:  # the weights are cached: a plan that cannot be saved is measured again next time
             pass
     kernels.apply(loaded, plan)

@@ -176,8 +176,23 @@ def test_a_batched_step_never_races_a_kernel_far_slower_for_one_row(memorized_mo
 
 def test_no_budget_left_means_the_defaults(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path)
-    plan = kernels.measure(model, "int8", None, budget_s=0.0)
-    assert plan.describe() == "int8 decode int_mm, batch int_mm, prefill int_mm; float32" and plan.timings_ms == {}
+    plan = kernels.measure(model, "int8", None, budget_s=0.0)  # rinna-cli's own kernel where it runs
+    assert plan.describe() == "int8 decode int8dot, batch int8dot, prefill int8dot; float32" and plan.timings_ms == {}
+    assert not plan.whole  # not saved: measured again at the next start
+    plan = kernels.measure(model, "int8", {"int8:int_mm", "int8:int8pack"}, budget_s=0.0)
+    assert plan.describe() == "int8 decode int_mm, batch int_mm, prefill int_mm; float32"
+    assert kernels.measure(model, "int8", None, budget_s=3.0).whole
+
+
+def test_a_plan_the_budget_cut_short_is_used_but_not_saved(memorized_model, tmp_path, monkeypatch):
+    real = kernels.measure
+    monkeypatch.setattr(kernels, "measure", lambda *args, **kwargs: real(*args, **{**kwargs, "budget_s": 0.0}))
+    _, plan = load(memorized_model, tmp_path, plan=None)
+    assert not plan.whole and plan.kernels["int8"][0] == "int8dot"
+    assert list((tmp_path / "int8").glob("*.plan.json")) == []
+    monkeypatch.setattr(kernels, "measure", real)
+    _, plan = load(memorized_model, tmp_path, plan=None)
+    assert plan.whole and len(list((tmp_path / "int8").glob("*.plan.json"))) == 1
 
 
 def test_apply_sets_kernels_and_activation_dtype_but_keeps_weights_and_rotary(memorized_model, tmp_path):
