@@ -157,8 +157,8 @@ class Int4Linear(QuantLinear):
         """The cache tensors of this layer, called ``name`` in the model, from its full-precision weight."""
         return {f"{name}.{key}": tensor for key, tensor in quantize_weight(weight, self.group_size).items()}
 
-    def prepare(self) -> None:
-        if self.decode in TORCH_LAYOUT or self.batch in TORCH_LAYOUT:
+    def prepare(self, kernels: tuple[str, ...] = ()) -> None:
+        if TORCH_LAYOUT.intersection(kernels or (self.decode, self.batch)):
             self.derived("int4pack", self.torch_layout)
 
     def torch_layout(self) -> torch.Tensor:

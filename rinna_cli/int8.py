@@ -92,8 +92,9 @@ class QuantLinear(nn.Module):
         """Drop the derived tensors (made again when a kernel asks)."""
         self._derived.clear()
 
-    def prepare(self) -> None:
-        """Derive now what the chosen kernels need, so that loading takes the time and not the first reply."""
+    def prepare(self, kernels: tuple[str, ...] = ()) -> None:
+        """Derive now what ``kernels`` (default: the chosen ones) need, so that loading takes the time and not the
+        first reply, nor the timing of a kernel."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)

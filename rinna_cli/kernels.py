@@ -252,6 +252,8 @@ def _linear_pass(modules: list[QuantLinear], kernel: str, rows: int, dtype: torc
     """A function that runs ``kernel`` over a sample of ``modules`` and returns its estimate for all of them, s;
     it gives up (:class:`_TooSlow`) when its time passes the limit it is called with."""
     sample, counts = _samples(modules, per_shape)
+    for module in sample:  # torch's int4 layout, made once (0.1 s a matrix) and not timed
+        module.prepare((kernel,))
     inputs = {m.in_features: torch.randn(rows, m.in_features).to(dtype) for m in sample}
     function = type(sample[0]).KERNELS[kernel]
 

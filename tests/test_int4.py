@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig
 
-from rinna_cli import int4, kernels, quantized
+from rinna_cli import int4, kernels, native, quantized
 from rinna_cli.int8 import Int8Linear
 from rinna_cli.quantized import cache_path, load_quantized
 from rinna_cli.tokenizer import Tokenizer
@@ -116,3 +117,19 @@ def test_torch_int4_kernel_reads_its_layout_made_in_memory_and_the_codes_are_not
     assert id(layer.weight) not in resident and id(layer.scales_zeros) in resident
     model, _ = load(memorized_model, tmp_path, plan("int4dot", "float32"))
     assert id(model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight) in {id(t) for t in quantized._resident(model)}
+
+
+def test_the_planner_times_torch_int4_kernel_without_the_making_of_its_layout(memorized_model, tmp_path, monkeypatch):
+    real = int4.Int4Linear.torch_layout
+
+    def slow(self):  # 0.1 s a matrix at rinna's size: far longer than the kernels' warm-up on this tiny model
+        time.sleep(0.2)
+        return real(self)
+
+    monkeypatch.setattr(int4.Int4Linear, "torch_layout", slow)
+    working = {"int4:int4dot", "int4:int4pack", "int8:int8dot"}
+    model, _ = load(memorized_model, tmp_path, plan("int4dot", "float32"))
+    native.library()  # built: its first call would take seconds of int4dot's warm-up
+    measured = kernels.measure(model, "int4", working, budget_s=8.0)
+    assert any(label.startswith("decode int4/int4pack ") for label in measured.timings_ms)
+    assert any(label.startswith("decode int4/int4dot ") for label in measured.timings_ms)
