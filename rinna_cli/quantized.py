@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from safetensors import safe_open
 from torch import nn
 
 from rinna_cli import checkpoint, int4, int8, kernels, mapped
@@ -82,6 +83,8 @@ def load_quantized(
             _stop(probe)
             raise
         loaded = int8.load(config, path, _layout(scheme, config)[1])
+        for stale in prune_stale(path.parent, format):
+            progress(f"removed {stale.name}, a cache of an earlier rinna-cli")
     if plan is None:
         progress("measuring the kernels (first start on this machine)")
         if working is None:
@@ -95,6 +98,23 @@ def load_quantized(
     kernels.apply(loaded, plan)
     mapped.fetch_ahead(_resident(loaded))
     return loaded, plan
+
+
+def prune_stale(folder: Path, format: str) -> list[Path]:
+    """Delete the caches in ``folder`` written in another format than ``format`` (and their plans): no version that
+    writes ``format`` reads them (an int4 cache of torch's layout is 5.3 GB). Those of other models are kept."""
+    removed = []
+    for path in folder.glob("*.safetensors"):
+        try:
+            with safe_open(str(path), "pt") as cache:
+                written = (cache.metadata() or {}).get("format")
+        except Exception:  # noqa: BLE001 - one being written, or damaged: not ours to judge
+            continue
+        if written != format:
+            path.unlink(missing_ok=True)
+            path.with_suffix(".plan.json").unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def _resident(model: nn.Module) -> list:

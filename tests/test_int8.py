@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from rinna_cli import checkpoint, int8, kernels
@@ -200,3 +200,21 @@ def test_quantize_none_loads_full_precision(memorized_model, tok, tmp_path):
     engine = Engine.load(memorized_model, "memorized", tok, "cpu", "auto", "none", tmp_path)
     assert engine.dtype == "bfloat16" and not (tmp_path / "int8").exists()
     assert replies(engine.model, tok)[0] == EXPECTED
+
+
+def test_a_first_start_removes_the_caches_of_earlier_formats_and_keeps_other_models(memorized_model, tmp_path):
+    folder = tmp_path / "int8"
+    folder.mkdir()
+    tensor = {"x": torch.zeros(4)}
+    save_file(tensor, str(folder / "old.safetensors"), metadata={"format": "rinna-cli-int8-v2"})
+    (folder / "old.plan.json").write_text("{}")
+    save_file(tensor, str(folder / "other-model.safetensors"), metadata={"format": int8.FORMAT})
+    (folder / ".half-written.safetensors.123.tmp").write_bytes(b"\0" * 8)
+    said: list[str] = []
+    load_quantized(memorized_model, [memorized_model / "model.safetensors"], AutoConfig.from_pretrained(memorized_model),
+                   tmp_path, "int8", said.append, FIXED)  # fmt: skip
+    names = sorted(p.name for p in folder.iterdir())
+    assert "old.safetensors" not in names and "old.plan.json" not in names
+    assert "other-model.safetensors" in names and ".half-written.safetensors.123.tmp" in names
+    assert len([n for n in names if n.endswith(".safetensors")]) == 2  # the new cache and the other model's
+    assert "removed old.safetensors, a cache of an earlier rinna-cli" in said
