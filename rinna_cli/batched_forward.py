@@ -32,6 +32,7 @@ from transformers.generation.logits_process import (
 )
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
+from rinna_cli import attention, native
 from rinna_cli.contract import Sampling
 from rinna_cli.int8 import QuantLinear
 
@@ -107,6 +108,7 @@ class BatchedForward:
         self._head_size = attention.head_size
         self._scaling = attention.scaling
         self._parallel_residual = model.config.use_parallel_residual
+        self._config = model.config  # its attention, as the plan (rinna_cli.attention.use) sets it
         embedding = self._base.embed_in.weight
         self._device, self._dtype = embedding.device, embedding.dtype
         # kernels chosen by row count: the rows of a step cannot all be multiplied together
@@ -194,6 +196,9 @@ class BatchedForward:
         keys, values = sequence.keys[layer], sequence.values[layer]
         keys[:, start:end] = key[0, :, row : row + count]
         values[:, start:end] = value[0, :, row : row + count]
+        if count == 1 and attention.chosen(self._config) == "attend":  # a decode step, as the single engine's
+            return native.library().attend(query[:, :, row : row + 1], keys[None, :, :end], values[None, :, :end],
+                                           self._scaling)  # fmt: skip
         mask = None
         if count > 1 and start > 0:  # a later chunk: causal, offset by what is cached
             mask = torch.ones(count, end, dtype=torch.bool, device=self._device).tril(start)

@@ -7,7 +7,8 @@ faster and bfloat16 is native. So at the first start on a machine the candidates
 timed on the model's own layers, for a decode step (1 row), a batched decode step (8
 rows, among the kernels giving the decode kernel's very rows) and a prefill (48 rows),
 with float32 and with bfloat16 activations (which also sets the dtype of attention and
-the KV cache), and the fastest of each is used. The :class:`Plan` is cached next
+the KV cache), and the fastest of each is used; a decode step's attention is torch's SDPA
+or rinna-cli's own (:mod:`rinna_cli.attention`), whichever is faster. The :class:`Plan` is cached next
 to the quantized weights, keyed by what it depends on (:func:`machine_key`): a new CPU,
 torch or thread count plans again.
 
@@ -38,11 +39,12 @@ from rinna_cli import int8, mapped, native
 from rinna_cli.int4 import Int4Linear
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
-PLAN_FORMAT = 2
+PLAN_FORMAT = 3
 PROBE_FILE = "kernels-probe.json"  # in the cache folder, beside the schemes' folders
 BUDGET_S = 3.5  # measuring, on top of the probe (which runs while the weights are quantized)
 DECODE_ROWS, BATCH_ROWS, PREFILL_ROWS = 1, int8.DECODE_ROWS, 48
 ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is timed at
+ATTENTIONS = ("sdpa", "attend")  # a decode step's attention: torch's or rinna-cli's (rinna_cli.attention)
 ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 _SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU cache
@@ -62,14 +64,16 @@ class Plan:
     timings_ms: dict = field(default_factory=dict)  # per candidate, for the benchmark report
     seconds: float = 0.0  # time spent planning
     whole: bool = True  # every phase of every kind measured (a plan the budget cut short is not saved)
+    attention: str = "sdpa"  # a decode step's: "sdpa" (torch's) or "attend" (rinna-cli's, rinna_cli.attention)
 
     def describe(self) -> str:
-        """One line for ``--stats`` and ``--json``, e.g. ``int8 decode int8dot, batch int8dot, prefill int_mm; float32``."""
+        """One line for ``--stats`` and ``--json``, e.g.
+        ``int8 decode int8dot, batch int8dot, prefill int_mm; float32, attention attend``."""
         parts = [
             f"{kind} decode {decode}, batch {batch}, prefill {prefill}"
             for kind, (decode, batch, prefill) in self.kernels.items()
         ]
-        return "; ".join(parts) + f"; {self.activation}"
+        return "; ".join(parts) + f"; {self.activation}, attention {self.attention}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -124,7 +128,11 @@ def kinds_of(model: nn.Module) -> dict[str, list[QuantLinear]]:
 
 
 def apply(model: nn.Module, plan: Plan) -> None:
-    """Set every quantized layer's kernels and convert the model's float tensors to the activation dtype."""
+    """Set every quantized layer's kernels and the attention, and convert the model's float tensors to the
+    activation dtype."""
+    from rinna_cli import attention
+
+    attention.use(model, plan.attention)
     dtype = ACTIVATIONS[plan.activation]
     for kind, modules in kinds_of(model).items():
         decode, batch, prefill = plan.kernels[kind]
@@ -172,6 +180,14 @@ for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
         except Exception:
             good = False
         print(f"{kind}:{name}:{int(good)}", flush=True)
+try:
+    import torch.nn.functional as F
+    from rinna_cli import native
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
+    good = bool((native.library().attend(q, k, v, 0.25) - F.scaled_dot_product_attention(q, k, v, scale=0.25)).abs().max() < 1e-4)
+except Exception:
+    good = False
+print(f"attention:attend:{int(good)}", flush=True)
 """
 
 
@@ -272,17 +288,30 @@ def _linear_pass(modules: list[QuantLinear], kernel: str, rows: int, dtype: torc
     return run
 
 
-def _attention_pass(model: nn.Module, dtype: torch.dtype):
-    """A function that times one decode step's attention over :data:`ATTENTION_TOKENS` cached tokens, all layers."""
+def _attention_pass(model: nn.Module, dtype: torch.dtype, implementation: str):
+    """A function that times one decode step's attention (``"sdpa"`` or ``"attend"``) over :data:`ATTENTION_TOKENS`
+    cached tokens, all layers, from the caches of :data:`_SAMPLES` layers (more than a CPU cache holds)."""
     config = model.config
     heads, size = config.num_attention_heads, config.hidden_size // config.num_attention_heads
     q = torch.randn(1, heads, 1, size).to(dtype)
-    k, v = (torch.randn(1, heads, ATTENTION_TOKENS, size).to(dtype) for _ in range(2))
+    cache = torch.randn(2, 1, heads, ATTENTION_TOKENS, size).to(dtype)
+    caches = [cache.clone() for _ in range(2 * _SAMPLES)]
+    scale = size**-0.5
+    if implementation == "attend":
+        library = native.library()
+
+        def attend(k, v):
+            return library.attend(q, k, v, scale)
+    else:
+
+        def attend(k, v):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
 
     def run(limit: float) -> dict:
         began = time.perf_counter()
-        F.scaled_dot_product_attention(q, k, v)
-        return {"attention": (time.perf_counter() - began, config.num_hidden_layers)}
+        for layer in caches:
+            attend(layer[0], layer[1])
+        return {"attention": ((time.perf_counter() - began) / len(caches), config.num_hidden_layers)}
 
     return run
 
@@ -346,7 +375,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     """Time the working kernels on ``model``'s layers and return the fastest plan found within ``budget_s``.
 
     Decoding decides the activation dtype: the sum of each kind's fastest decode kernel
-    and the attention in that dtype. A batched step then takes the fastest at
+    and the faster attention in that dtype (which the plan keeps). A batched step then takes the fastest at
     :data:`BATCH_ROWS` rows of the kernels giving the decode kernel's very rows
     (``SAME_ROWS``; the decode kernel itself if it has no such kin), and prefill each
     kind's fastest at :data:`PREFILL_ROWS` rows in that dtype.
@@ -361,9 +390,11 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         kind: [n for n in KINDS[kind].KERNELS if working is None or f"{kind}:{n}" in working] or [KINDS[kind].decode]
         for kind in kinds
     }
+    attentions = [a for a in ATTENTIONS if a == "sdpa" or working is None or f"attention:{a}" in working]
     decode_runs = {}
     for activation, dtype in ACTIVATIONS.items():
-        decode_runs[f"attention {activation}/{activation}"] = _attention_pass(model, dtype)
+        for implementation in attentions:
+            decode_runs[f"attention {activation}/{implementation}"] = _attention_pass(model, dtype, implementation)
         for kind, modules in kinds.items():
             for name in names[kind]:
                 if name not in KINDS[kind].PREFILL_ONLY:
@@ -371,8 +402,11 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
                         modules, name, DECODE_ROWS, dtype, _SAMPLES
                     )
     decode = _race(decode_runs, began + budget_s * 0.55)
-    cost, choice = {}, {}
+    cost, choice, attending = {}, {}, {}
     for activation in ACTIVATIONS:
+        attended = {k.split("/")[1]: v for k, v in decode.items() if k.startswith(f"attention {activation}/")}
+        if attended:
+            attending[activation] = min(attended, key=attended.__getitem__)
         picks = {}
         for kind in kinds:
             timed = {
@@ -380,8 +414,8 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
             }
             if timed:
                 picks[kind] = min(timed, key=timed.__getitem__)
-        if len(picks) == len(kinds) and f"attention {activation}/{activation}" in decode:
-            cost[activation] = decode[f"attention {activation}/{activation}"] + sum(decode[k] for k in picks.values())
+        if len(picks) == len(kinds) and activation in attending:
+            cost[activation] = attended[attending[activation]] + sum(decode[k] for k in picks.values())
             choice[activation] = {kind: label.split("/")[1].split(" ")[0] for kind, label in picks.items()}
     activation = min(cost, key=cost.__getitem__) if cost else "float32"
     dtype = ACTIVATIONS[activation]
@@ -435,7 +469,8 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     kernels = {kind: (fast[kind], fastest(batch, "batch", kind), fastest(prefill, "prefill", kind)) for kind in kinds}
     timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **batch, **prefill}.items()}
     whole = activation in cost and all(any(k.startswith(f"prefill {kind}/") for k in prefill) for kind in prompted)
-    return Plan(kernels, activation, machine_key(scheme), timings, round(time.perf_counter() - began, 3), whole)
+    seconds = round(time.perf_counter() - began, 3)
+    return Plan(kernels, activation, machine_key(scheme), timings, seconds, whole, attending.get(activation, "sdpa"))
 
 
 def cached_plan(path: Path, scheme: str) -> Plan | None:

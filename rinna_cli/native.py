@@ -1,4 +1,4 @@
-"""rinna-cli's own CPU kernels (``int8dot.c``, ``int4dot.c``), compiled on the machine at their first use.
+"""rinna-cli's own CPU kernels (``int8dot.c``, ``int4dot.c``, ``attend.c``), compiled on the machine at their first use.
 
 torch's ``_int_mm`` takes a bandwidth-bound path for one row and oneDNN's compute-bound
 GEMM for two or more, so a batched decode step of 2–8 rows cost about twice one row on
@@ -8,7 +8,8 @@ third of it there. Reading the weights once per step should be all a decode step
 ``int8dot`` does that for int8, giving :func:`rinna_cli.int8.int_mm`'s outputs bit for
 bit (the same IEEE operations in the same order, so a sequence's replies do not depend
 on which of the two multiplied it), and ``int4dot`` for rinna-cli's int4 layout
-(:mod:`rinna_cli.int4`). Both read each weight row once for up to eight rows. They are
+(:mod:`rinna_cli.int4`). Both read each weight row once for up to eight rows; ``attend`` is a
+decode step's attention, one query per head over the KV cache (:mod:`rinna_cli.attention`). They are
 built with the C compiler (``$CC`` or ``cc``) for this CPU (``-march=native``: AVX-512
 VNNI, AVX2 or plain C) into the cache folder, once per source, compiler and CPU; no
 compiler means no such kernels, and the planner (:mod:`rinna_cli.kernels`) measures them
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c", "attend.c"))
 
 
 class Unavailable(RuntimeError):
@@ -85,7 +86,10 @@ class Library:
         self._lib = ctypes.CDLL(str(path))
         self._lib.rinna_int8dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
         self._lib.rinna_int4dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
-        self._lib.rinna_int8dot.restype = self._lib.rinna_int4dot.restype = ctypes.c_int
+        self._lib.rinna_attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_long] * 5 + [
+            ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
+        for function in (self._lib.rinna_int8dot, self._lib.rinna_int4dot, self._lib.rinna_attend):
+            function.restype = ctypes.c_int
         self.paths = {}  # kernel -> "avx512-vnni", "avx2" or "c"
         for name in ("int8dot", "int4dot"):
             describe = getattr(self._lib, f"rinna_{name}_path")
@@ -118,6 +122,40 @@ class Library:
                 f"int4dot takes bfloat16 scales per group of 64, 128 or 256, not {tuple(scales_zeros.shape)}"
             )
         return self._call(self._lib.rinna_int4dot, rows, codes, scales_zeros, in_features, group)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        """``softmax(scale * query @ key.T) @ value`` for one query per head: ``query`` (1, heads, 1, size), ``key`` and
+        ``value`` (1, heads, tokens, size), views of any strides but along ``size``, all float32 or all bfloat16;
+        the result (1, heads, 1, size) in that dtype."""
+        dtype = query.dtype
+        if (
+            query.dim() != 4
+            or query.shape[0] != 1
+            or query.shape[2] != 1
+            or key.shape != value.shape
+            or key.shape[:2] != query.shape[:2]
+            or key.shape[3] != query.shape[3]
+            or dtype not in (torch.float32, torch.bfloat16)
+            or key.dtype != dtype
+            or value.dtype != dtype
+        ):
+            raise ValueError(
+                f"attend takes one float32 or bfloat16 query per head and its cache, not {tuple(query.shape)} "
+                f"{query.dtype} against {tuple(key.shape)} {key.dtype}"
+            )
+        query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
+        heads, tokens, size = key.shape[1], key.shape[2], key.shape[3]
+        out = torch.empty(1, heads, 1, size, dtype=dtype)
+        failed = self._lib.rinna_attend(
+            query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), heads, tokens, size,
+            query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale,
+            int(dtype == torch.bfloat16), torch.get_num_threads(),
+        )  # fmt: skip
+        if failed == 2:
+            raise ValueError(f"attend takes heads of at most 1024 values, not {size}")
+        if failed:
+            raise MemoryError("the native attention could not allocate its scores")
+        return out
 
     @staticmethod
     def _call(function, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *sizes: int) -> torch.Tensor:

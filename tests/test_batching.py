@@ -9,7 +9,7 @@ from dataclasses import asdict
 
 import pytest
 
-from rinna_cli import kernels
+from rinna_cli import kernels, native
 from rinna_cli.batching import BatchingEngine
 from rinna_cli.contract import Sampling, Step
 from rinna_cli.engine import Engine
@@ -23,12 +23,14 @@ GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, m
 
 
 def _load(folder, quantize: str, cache) -> Engine:
-    """``quantize`` is a scheme, or ``int8:decode/batch/prefill`` to force int8 kernels."""
+    """``quantize`` is a scheme, or ``int8:decode/batch/prefill[/attention]`` to force int8 kernels (and attention)."""
     scheme, _, forced = quantize.partition(":")
     dtype = "float32" if scheme == "none" else "auto"
     engine = Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, scheme, cache_dir=cache)
     if forced:
-        kernels.apply(engine.model, kernels.Plan({"int8": tuple(forced.split("/"))}, "float32"))
+        decode, batch, prefill, *attention = forced.split("/")
+        plan = kernels.Plan({"int8": (decode, batch, prefill)}, "float32", attention=(attention or ["sdpa"])[0])
+        kernels.apply(engine.model, plan)
     return engine
 
 
@@ -71,7 +73,7 @@ def _memorized_prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
     return prompts
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", "int8", "int8:int_mm/int8dot/int_mm/attend"])
 def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize):
     """All memorized prompts, 3 in flight, each joining as another leaves: each reply is the memorized one, as alone.
 
@@ -93,7 +95,10 @@ def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize
     engine.close()
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "int8:int_mm/int8dot/int_mm", "int8:int8dot/int8dot/int8dot"])
+@pytest.mark.parametrize(
+    "quantize",
+    ["none", "int8", "int8:int_mm/int8dot/int_mm", "int8:int8dot/int8dot/int8dot", "int8:int_mm/int8dot/int_mm/attend"],
+)
 def test_random_model_ids_match_the_single_engine(tiny_model, cache, quantize):
     """12 prompts of different lengths, 5 in flight: greedy, repetition penalty and seeded sampling ids as alone.
 
@@ -115,6 +120,21 @@ def test_random_model_ids_match_the_single_engine(tiny_model, cache, quantize):
         assert reply.ids == alone.ids, (sampling, prompt_ids)
         assert (reply.finish_reason, reply.completion_tokens) == (alone.finish_reason, alone.completion_tokens)
     engine.close()
+
+
+def test_with_rinna_clis_attention_each_decoding_sequence_takes_it_and_a_prompt_sdpa(tiny_model, cache, monkeypatch):
+    local = _load(tiny_model, "int8:int_mm/int8dot/int_mm/attend", cache)
+    calls = []
+    real = native.Library.attend
+    monkeypatch.setattr(native.Library, "attend", lambda self, q, k, *rest: calls.append(k.shape[2]) or real(self, q, k, *rest))
+    engine = BatchingEngine.wrap(local, parallel=2)
+    prompts = [local.tokenizer.encode(text) for text in TINY_CORPUS[:2]]
+    replies = _concurrently(engine, prompts, [Sampling(0.0, 1.0, 0, 1.0, 6, 0)] * 2)
+    engine.close()
+    # each generated token but the last fed back once per layer, attending to its prompt and the reply so far
+    layers = local.model.config.num_hidden_layers
+    want = sorted(len(p) + i for p, r in zip(prompts, replies) for i in range(1, r.completion_tokens) for _ in range(layers))
+    assert sorted(calls) == want
 
 
 @pytest.fixture(scope="module")

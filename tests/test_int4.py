@@ -55,7 +55,7 @@ def test_the_memorized_replies_hold_with_int4(memorized_model, tmp_path, kernel,
     model, chosen = load(memorized_model, tmp_path, plan(kernel, activation))
     assert type(model.gpt_neox.layers[0].mlp.dense_h_to_4h) is int4.Int4Linear
     assert type(model.lm_head) is Int8Linear  # the output head stays int8
-    assert chosen.describe() == f"int4 decode {kernel}, batch {kernel}, prefill {kernel}; int8 decode int8pack, batch int8pack, prefill int8pack; {activation}"
+    assert chosen.describe() == f"int4 decode {kernel}, batch {kernel}, prefill {kernel}; int8 decode int8pack, batch int8pack, prefill int8pack; {activation}, attention sdpa"
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 
 

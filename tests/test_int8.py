@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
-from rinna_cli import checkpoint, int8, kernels
+from rinna_cli import checkpoint, int8, kernels, native
 from rinna_cli.engine import Engine, resolve_quantize
 from rinna_cli.errors import ModelError, UsageError
 from rinna_cli.quantized import load_quantized
@@ -43,10 +43,27 @@ def load(folder: Path, cache: Path, plan: kernels.Plan | None = FIXED):
 @pytest.mark.parametrize("kernel", int8.Int8Linear.KERNELS)
 def test_every_kernel_gives_the_memorized_replies(memorized_model, tok, tmp_path, kernel, activation):
     model, plan = load(memorized_model, tmp_path, kernels.Plan({"int8": (kernel, kernel, kernel)}, activation))
-    assert plan.describe() == f"int8 decode {kernel}, batch {kernel}, prefill {kernel}; {activation}"
+    assert plan.describe() == f"int8 decode {kernel}, batch {kernel}, prefill {kernel}; {activation}, attention sdpa"
     assert model.lm_head.decode == model.gpt_neox.layers[0].mlp.dense_h_to_4h.prefill == kernel
     assert model.gpt_neox.embed_in.weight.dtype == kernels.ACTIVATIONS[activation]
     assert replies(model, tok)[0] == EXPECTED
+
+
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+def test_rinna_clis_attention_gives_the_memorized_replies(memorized_model, tok, tmp_path, monkeypatch, activation):
+    calls = []
+    real = native.Library.attend
+    monkeypatch.setattr(native.Library, "attend", lambda self, q, *rest: calls.append(q.shape) or real(self, q, *rest))
+    plan = kernels.Plan({"int8": ("int8dot", "int8dot", "int_mm")}, activation, attention="attend")
+    model, chosen = load(memorized_model, tmp_path, plan)
+    assert chosen.describe().endswith(f"; {activation}, attention attend")
+    assert replies(model, tok)[0] == EXPECTED
+    heads, size = model.config.num_attention_heads, model.config.hidden_size // model.config.num_attention_heads
+    assert calls and set(calls) == {(1, heads, 1, size)}  # every decode step of every layer, never a prompt
+    assert len(calls) % model.config.num_hidden_layers == 0
+    kernels.apply(model, FIXED)  # torch's again
+    calls.clear()
+    assert replies(model, tok)[0] == EXPECTED and calls == []
 
 
 def test_one_row_a_few_rows_and_a_prompt_take_their_own_kernels(memorized_model, tok, tmp_path):

@@ -26,12 +26,16 @@ def test_describe_is_one_short_line():
     plan = kernels.Plan({"int4": ("int4pack", "int4pack", "int4pack"), "int8": ("int8pack", "int8pack", "int_mm")}, "bfloat16")
     assert plan.describe() == (
         "int4 decode int4pack, batch int4pack, prefill int4pack; int8 decode int8pack, batch int8pack, prefill int_mm; "
-        "bfloat16"
+        "bfloat16, attention sdpa"
+    )
+    assert kernels.Plan({"int8": ("int8dot", "int8dot", "int_mm")}, "float32", attention="attend").describe() == (
+        "int8 decode int8dot, batch int8dot, prefill int_mm; float32, attention attend"
     )
 
 
 def test_a_plan_survives_its_json():
-    plan = kernels.Plan({"int8": ("int8dot", "int8dot", "int_mm")}, "float32", kernels.machine_key("int8"), {"x": 1.5}, 0.25)
+    plan = kernels.Plan({"int8": ("int8dot", "int8dot", "int_mm")}, "float32", kernels.machine_key("int8"), {"x": 1.5}, 0.25,
+                        attention="attend")  # fmt: skip
     assert kernels.Plan.from_json(plan.to_json()) == plan
 
 
@@ -123,6 +127,23 @@ def test_a_batched_step_takes_the_fastest_kernel_giving_the_decode_kernels_rows(
         assert batch == min(batch_ms, key=batch_ms.__getitem__)
 
 
+def test_the_plan_keeps_the_faster_attention_of_its_dtype_and_a_probe_without_rinna_clis_means_sdpa(memorized_model,
+                                                                                                      tmp_path):
+    model, _ = load(memorized_model, tmp_path)
+    plan = kernels.measure(model, "int8", None, budget_s=3.0)
+    attention = {label.split(" ")[1]: ms for label, ms in plan.timings_ms.items() if label.startswith("attention ")}
+    assert set(attention) == {f"{dtype}/{name}" for dtype in kernels.ACTIVATIONS for name in ("sdpa", "attend")}
+    mine = {label.split("/")[1]: ms for label, ms in attention.items() if label.startswith(plan.activation)}
+    assert plan.attention == min(mine, key=mine.__getitem__)
+    assert plan.describe().endswith(f"; {plan.activation}, attention {plan.attention}")
+    plan = kernels.measure(model, "int8", {"int8:int_mm", "int8:int8dot"}, budget_s=3.0)  # attend failed its probe
+    assert plan.attention == "sdpa" and not any("/attend" in label for label in plan.timings_ms)
+    kernels.apply(model, kernels.Plan({"int8": ("int_mm", "int_mm", "int_mm")}, "float32", attention="attend"))
+    assert model.config._attn_implementation == "rinna_attend"
+    kernels.apply(model, FIXED)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_the_race_stops_timing_hopeless_kernels_after_the_warm_up_and_slow_ones_after_round_two():
     calls: dict[str, int] = {}
 
@@ -177,10 +198,11 @@ def test_a_batched_step_never_races_a_kernel_far_slower_for_one_row(memorized_mo
 def test_no_budget_left_means_the_defaults(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path)
     plan = kernels.measure(model, "int8", None, budget_s=0.0)  # rinna-cli's own kernel where it runs
-    assert plan.describe() == "int8 decode int8dot, batch int8dot, prefill int8dot; float32" and plan.timings_ms == {}
+    assert plan.describe() == "int8 decode int8dot, batch int8dot, prefill int8dot; float32, attention sdpa"
+    assert plan.timings_ms == {}
     assert not plan.whole  # not saved: measured again at the next start
     plan = kernels.measure(model, "int8", {"int8:int_mm", "int8:int8pack"}, budget_s=0.0)
-    assert plan.describe() == "int8 decode int_mm, batch int_mm, prefill int_mm; float32"
+    assert plan.describe() == "int8 decode int_mm, batch int_mm, prefill int_mm; float32, attention sdpa"
     assert kernels.measure(model, "int8", None, budget_s=3.0).whole
 
 

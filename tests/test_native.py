@@ -1,5 +1,6 @@
 """rinna-cli's own kernels on every path they can build: int8dot gives int_mm's very outputs, int4dot the int4
-weights' product with per-group int8 activations, each row alone as in a batch; none without a compiler."""
+weights' product with per-group int8 activations, each row alone as in a batch, attend a decode step's attention;
+none without a compiler."""
 
 from __future__ import annotations
 
@@ -88,6 +89,53 @@ def test_int4dot_on_every_path_is_the_int4_product_and_each_row_as_if_alone(buil
     assert library.int4dot(torch.full((1, 512), -1.0), most, pairs).tolist() == [[-(15 - 8) * 512.0] * 2]
 
 
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """softmax(scale q k^T) v in float64."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return torch.softmax(scores, dim=-1) @ v.double()
+
+
+@pytest.mark.parametrize("march", MARCHES)
+def test_attend_on_every_path_is_one_querys_attention_over_a_cache_in_a_larger_buffer(built, march):
+    if march not in built:
+        pytest.skip(f"this CPU cannot run -march={march} code")
+    library = built[march]
+    torch.manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        for heads, size, tokens in [(4, 16, 1), (3, 80, 5), (32, 80, 77), (2, 64, 600)]:
+            room = tokens + 13  # the cache is a view of the first tokens of its buffer, as the engine's grows
+            keys, values = (torch.randn(1, heads, room, size).to(dtype) * 3 for _ in range(2))
+            qkv = torch.randn(1, 1, heads, 3 * size).to(dtype).transpose(1, 2)  # a query as transformers slices it
+            query = qkv[..., :size]
+            k, v = keys[:, :, :tokens], values[:, :, :tokens]
+            got = library.attend(query, k, v, size**-0.5)
+            assert got.dtype == dtype and got.shape == (1, heads, 1, size) and got.is_contiguous()
+            want = attention_reference(query, k, v, size**-0.5)
+            if dtype == torch.float32:
+                assert (got.double() - want).abs().max() < 1e-5, (march, heads, size, tokens)
+            else:  # computed in float32, rounded once to bfloat16
+                assert torch.equal(got, want.float().to(torch.bfloat16)) or (
+                    (got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6
+                ).all(), (march, heads, size, tokens)
+            assert torch.equal(library.attend(query.contiguous(), k.contiguous(), v.contiguous(), size**-0.5), got)
+    # one token attends to itself only; a huge score does not overflow the softmax
+    k = torch.tensor([[[[1e4, 0.0]]]])
+    assert library.attend(torch.tensor([[[[1e4, 0.0]]]]), k, torch.tensor([[[[2.0, 3.0]]]]), 1.0).tolist() == [[[[2.0, 3.0]]]]
+
+
+def test_attend_refuses_what_is_not_one_query_per_head(built):
+    library = built["native"]
+    q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="one float32 or bfloat16 query per head"):
+        library.attend(torch.zeros(1, 2, 3, 8), k, k, 1.0)  # three query rows: a prompt, which SDPA takes
+    with pytest.raises(ValueError, match="one float32 or bfloat16 query per head"):
+        library.attend(q, k.to(torch.bfloat16), k, 1.0)
+    with pytest.raises(ValueError, match="one float32 or bfloat16 query per head"):
+        library.attend(q, torch.zeros(1, 3, 5, 8), torch.zeros(1, 3, 5, 8), 1.0)
+    with pytest.raises(ValueError, match="heads of at most 1024"):
+        library.attend(torch.zeros(1, 1, 1, 1025), torch.zeros(1, 1, 2, 1025), torch.zeros(1, 1, 2, 1025), 1.0)
+
+
 def test_the_native_build_takes_the_widest_path_this_cpu_has(built):
     want = "avx512-vnni" if {"avx512_vnni", "avx512bw"} <= FLAGS else "avx2" if "avx2" in FLAGS else "c"
     assert built["native"].paths == {"int8dot": want, "int4dot": want}
@@ -140,7 +188,7 @@ def test_no_compiler_means_no_kernel_and_the_others_still_work(tmp_path, monkeyp
     )  # fmt: skip
     working = kernels.finish_probe(child)
     assert child.returncode == 0
-    assert "int8:int8dot" not in working and "int4:int4dot" not in working
+    assert "int8:int8dot" not in working and "int4:int4dot" not in working and "attention:attend" not in working
     assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS if name != "int8dot"} <= working
     assert {f"int4:{name}" for name in int4.Int4Linear.KERNELS if name != "int4dot"} <= working
 
