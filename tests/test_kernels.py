@@ -52,7 +52,7 @@ def test_the_key_names_cpu_torch_threads_scheme_and_the_kernels_sources(monkeypa
 def test_the_probe_keeps_only_kernels_that_ran_and_were_right():
     working = kernels.finish_probe(kernels.start_probe())
     assert {f"int8:{name}" for name in int8.Int8Linear.KERNELS} <= working  # all run on this machine
-    assert {"int4:int4pack", "int4:int4dot", "int8:int8dot"} <= working
+    assert {"int4:int4pack", "int4:int4dot", "int8:int8dot", "attention:attend"} <= working
 
 
 def test_a_crash_in_the_probe_loses_only_the_kernels_not_yet_reported():
