@@ -30,11 +30,16 @@ def built(tmp_path_factory) -> dict[str, native.Library]:
     return {march: native.Library(native.build(folder, march)) for march, needs in MARCHES.items() if needs <= FLAGS}
 
 
-@pytest.mark.parametrize("march", MARCHES)
-def test_every_path_gives_int_mms_outputs_bit_for_bit(built, march):
-    if march not in built:
-        pytest.skip(f"this CPU cannot run -march={march} code")
-    library = built[march]
+@pytest.fixture(params=list(MARCHES))
+def path(built, request) -> tuple[str, native.Library]:
+    """Each -march this CPU runs, and its build."""
+    if request.param not in built:
+        pytest.skip(f"this CPU cannot run -march={request.param} code")
+    return request.param, built[request.param]
+
+
+def test_every_path_gives_int_mms_outputs_bit_for_bit(path):
+    march, library = path
     torch.manual_seed(3)
     for rows in (1, 2, 5, 8, 9, 17):
         for out_features, in_features in SHAPES:
@@ -64,11 +69,8 @@ def int4_reference(x: torch.Tensor, codes: torch.Tensor, pairs: torch.Tensor) ->
     return rows @ weight.reshape(out_features, in_features).T
 
 
-@pytest.mark.parametrize("march", MARCHES)
-def test_int4dot_on_every_path_is_the_int4_product_and_each_row_as_if_alone(built, march):
-    if march not in built:
-        pytest.skip(f"this CPU cannot run -march={march} code")
-    library = built[march]
+def test_int4dot_on_every_path_is_the_int4_product_and_each_row_as_if_alone(path):
+    march, library = path
     torch.manual_seed(4)
     for group, (out_features, in_features) in [(64, (96, 64)), (64, (33, 192)), (128, (48, 2816)), (256, (17, 512))]:
         codes = torch.randint(0, 16, (out_features, in_features))
@@ -95,11 +97,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale
     return torch.softmax(scores, dim=-1) @ v.double()
 
 
-@pytest.mark.parametrize("march", MARCHES)
-def test_attend_on_every_path_is_one_querys_attention_over_a_cache_in_a_larger_buffer(built, march):
-    if march not in built:
-        pytest.skip(f"this CPU cannot run -march={march} code")
-    library = built[march]
+def test_attend_on_every_path_is_one_querys_attention_over_a_cache_in_a_larger_buffer(path):
+    march, library = path
     torch.manual_seed(5)
     for dtype in (torch.float32, torch.bfloat16):
         for heads, size, tokens in [(4, 16, 1), (3, 80, 5), (32, 80, 77), (2, 64, 600)]:
