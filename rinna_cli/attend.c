@@ -24,20 +24,20 @@ static inline float widen(const void *base, size_t i, int bf16) {
     return f;
 }
 
-/* torch's float -> bfloat16: round to nearest even (NaN kept a NaN) */
+/* torch's float -> bfloat16: round to nearest even, every NaN 0x7FC0 */
 static inline uint16_t narrow(float f) {
     uint32_t bits;
     memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7FC0;
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
 /* q: head h at q + h * qs; out: (H, D) contiguous; every element in float32 or (bf16 != 0) bfloat16.
- * 0 on success, 1 if the scratch could not be allocated, 2 for a head wider than 1024. */
+ * 0 on success, 1 if the scratch could not be allocated, 2 for no cached token or a head wider than 1024. */
 int rinna_attend(const void *q, const void *k, const void *v, void *out, int H, int T, int D, long qs, long khs,
                  long kts, long vhs, long vts, float scale, int bf16, int threads) {
-    if (H <= 0 || T <= 0) return 0;
-    if (D > 1024) return 2;
+    if (H <= 0) return 0;
+    if (T <= 0 || D <= 0 || D > 1024) return 2;
     float *scores = malloc(sizeof(float) * (size_t)H * T);
     if (!scores) return 1;
 #pragma omp parallel for num_threads(threads) schedule(static)

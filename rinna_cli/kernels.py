@@ -183,8 +183,12 @@ for kind, cls in (("int8", Int8Linear), ("int4", Int4Linear)):
 try:
     import torch.nn.functional as F
     from rinna_cli import native
-    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 4, 9, 16), torch.randn(1, 4, 9, 16)
-    good = bool((native.library().attend(q, k, v, 0.25) - F.scaled_dot_product_attention(q, k, v, scale=0.25)).abs().max() < 1e-4)
+    good = True
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k, v = torch.randn(1, 4, 1, 16).to(dtype), torch.randn(1, 4, 20, 16).to(dtype), torch.randn(1, 4, 20, 16).to(dtype)
+        got = native.library().attend(q, k[:, :, :9], v[:, :, :9], 0.25).float()
+        want = F.scaled_dot_product_attention(q.float(), k[:, :, :9].float(), v[:, :, :9].float(), scale=0.25)
+        good = good and bool((got - want).abs().max() < 0.02)
 except Exception:
     good = False
 print(f"attention:attend:{int(good)}", flush=True)
@@ -298,10 +302,9 @@ def _attention_pass(model: nn.Module, dtype: torch.dtype, implementation: str):
     caches = [cache.clone() for _ in range(2 * _SAMPLES)]
     scale = size**-0.5
     if implementation == "attend":
-        library = native.library()
 
-        def attend(k, v):
-            return library.attend(q, k, v, scale)
+        def attend(k, v):  # the library looked up in the run: a machine without one skips it, as the race does
+            return native.library().attend(q, k, v, scale)
     else:
 
         def attend(k, v):

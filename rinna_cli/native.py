@@ -138,10 +138,11 @@ class Library:
             or dtype not in (torch.float32, torch.bfloat16)
             or key.dtype != dtype
             or value.dtype != dtype
+            or {t.device.type for t in (query, key, value)} != {"cpu"}
         ):
             raise ValueError(
-                f"attend takes one float32 or bfloat16 query per head and its cache, not {tuple(query.shape)} "
-                f"{query.dtype} against {tuple(key.shape)} {key.dtype}"
+                f"attend takes one float32 or bfloat16 query per head and its cache on the CPU, not "
+                f"{tuple(query.shape)} {query.dtype} against {tuple(key.shape)} {key.dtype} on {key.device}"
             )
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         heads, tokens, size = key.shape[1], key.shape[2], key.shape[3]
@@ -152,7 +153,9 @@ class Library:
             int(dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         if failed == 2:
-            raise ValueError(f"attend takes heads of at most 1024 values, not {size}")
+            raise ValueError(
+                f"attend takes at least one cached token and heads of 1 to 1024 values, not {tokens}, {size}"
+            )
         if failed:
             raise MemoryError("the native attention could not allocate its scores")
         return out

@@ -8,11 +8,13 @@ import time
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from rinna_cli import kernels, native
+from rinna_cli.batched_forward import BatchedForward, Sequence
 from rinna_cli.batching import BatchingEngine
 from rinna_cli.contract import Sampling, Step
-from rinna_cli.engine import Engine
+from rinna_cli.engine import Engine, _GrowingCache
 from rinna_cli.errors import UsageError
 from rinna_cli.session import Conversation
 from rinna_cli.tokenizer import Tokenizer
@@ -135,6 +137,34 @@ def test_with_rinna_clis_attention_each_decoding_sequence_takes_it_and_a_prompt_
     layers = local.model.config.num_hidden_layers
     want = sorted(len(p) + i for p, r in zip(prompts, replies) for i in range(1, r.completion_tokens) for _ in range(layers))
     assert sorted(calls) == want
+
+
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+@pytest.mark.parametrize("implementation", kernels.ATTENTIONS)
+def test_a_decode_steps_logits_are_the_single_engines_exactly(tiny_model, cache, activation, implementation):
+    """After a 600-token prompt (past the first 512 of the engine's growing cache): transformers' pass over the
+    engine's cache and the batched pass over a sequence's, bit for bit."""
+    local = _load(tiny_model, "int8", cache)
+    plan = kernels.Plan({"int8": ("int_mm", "int8dot", "int_mm")}, activation, attention=implementation)
+    kernels.apply(local.model, plan)
+    prompt = (local.tokenizer.encode(TINY_CORPUS[0]) * 40)[:600]
+    following = [prompt[1], prompt[2]]
+    with torch.inference_mode():
+        grown = _GrowingCache()
+        single = [local.model(input_ids=torch.tensor([prompt]), cache=grown, use_cache=True).logits[0, -1]]
+        for token in following:
+            single.append(local.model(input_ids=torch.tensor([[token]]), cache=grown, use_cache=True).logits[0, -1])
+        passes = BatchedForward(local.model)
+        sequence = Sequence(prompt, Sampling(0.0, 1.0, 0, 1.0, 4, 0), threading.Event())
+        passes.start(sequence)
+        batched = [passes.forward([(sequence, prompt)])[0][0]]
+        sequence.fed = len(prompt)
+        for token in following:
+            sequence.generated.append(token)
+            batched.append(passes.forward([(sequence, [token])])[0][0])
+            sequence.fed += 1
+    assert torch.equal(single[0].float(), batched[0])  # the prompt: SDPA's causal kernel on both
+    assert all(torch.equal(a.float(), b) for a, b in zip(single[1:], batched[1:]))
 
 
 @pytest.fixture(scope="module")

@@ -131,8 +131,10 @@ def test_attend_refuses_what_is_not_one_query_per_head(built):
         library.attend(q, k.to(torch.bfloat16), k, 1.0)
     with pytest.raises(ValueError, match="one float32 or bfloat16 query per head"):
         library.attend(q, torch.zeros(1, 3, 5, 8), torch.zeros(1, 3, 5, 8), 1.0)
-    with pytest.raises(ValueError, match="heads of at most 1024"):
+    with pytest.raises(ValueError, match="heads of 1 to 1024 values"):
         library.attend(torch.zeros(1, 1, 1, 1025), torch.zeros(1, 1, 2, 1025), torch.zeros(1, 1, 2, 1025), 1.0)
+    with pytest.raises(ValueError, match="at least one cached token"):
+        library.attend(q, torch.zeros(1, 2, 0, 8), torch.zeros(1, 2, 0, 8), 1.0)
 
 
 def test_the_native_build_takes_the_widest_path_this_cpu_has(built):
