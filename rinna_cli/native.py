@@ -49,19 +49,23 @@ def version() -> str:
 
 
 def build(folder: Path, march: str = "native") -> Path:
-    """The shared library for these sources, compiler and CPU in ``folder``, compiled if it is not there yet."""
+    """The shared library for these sources, compiler and CPU in ``folder``, compiled if it is not there yet.
+
+    A new build removes those of other sources (an earlier rinna-cli's, named by the sources' hash); builds of these
+    sources for another compiler or CPU (a home folder shared between machines) stay."""
     cc = compiler()
     if cc is None:
         raise Unavailable("no C compiler (cc) to build it")
     from rinna_cli.kernels import cpu_identity
 
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        compiler_version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise Unavailable(f"{cc} does not run ({err})") from None
     sources = [source.read_text(encoding="utf-8") for source in SOURCES]
-    identity = "\n".join([*sources, cc, version, march, *cpu_identity()])
-    path = folder / f"native-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
+    identity = "\n".join([*sources, cc, compiler_version, march, *cpu_identity()])
+    sources_hash = version()[:8]
+    path = folder / f"native-{sources_hash}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}.so"
     if path.is_file():
         return path
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,6 +80,9 @@ def build(folder: Path, march: str = "native") -> Path:
         raise Unavailable(f"{cc} failed ({err})") from None
     finally:
         temporary.unlink(missing_ok=True)
+    for stale in [*folder.glob("native-*.so"), *folder.glob("int8dot-*.so")]:  # a process using one keeps its mapping
+        if not stale.name.startswith(f"native-{sources_hash}-"):
+            stale.unlink(missing_ok=True)
     return path
 
 

@@ -178,6 +178,18 @@ def test_it_is_compiled_once_per_source_compiler_and_cpu(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left
 
 
+def test_a_new_build_removes_those_of_other_sources_and_keeps_this_sources_for_other_cpus(tmp_path):
+    mine = native.version()[:8]
+    older = [tmp_path / "int8dot-0123456789abcdef.so", tmp_path / "native-0123456789abcdef.so",
+             tmp_path / f"native-{'0' * 8}-0123456789ab.so"]  # fmt: skip
+    kept = [tmp_path / f"native-{mine}-0123456789ab.so", tmp_path / "notes.txt"]  # another CPU's; not a build
+    for path in older + kept:
+        path.write_bytes(b"")
+    built = native.build(tmp_path)
+    assert built.name.startswith(f"native-{mine}-") and built.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([built.name] + [p.name for p in kept])
+
+
 def test_no_compiler_means_no_kernel_and_the_others_still_work(tmp_path, monkeypatch):
     monkeypatch.setenv("CC", "/nonexistent/cc")
     with pytest.raises(native.Unavailable, match="no C compiler"):
