@@ -1,8 +1,8 @@
 """A decode step's attention by rinna-cli's own kernel (``attend.c``), where the plan picked it.
 
 transformers runs GPT-NeoX's attention through the function its config names
-(``config._attn_implementation``); :func:`use` registers :func:`forward` under
-:data:`NAME` and names it, or names torch's ``sdpa`` again. :func:`forward` takes a
+(``config._attn_implementation``); importing this module registers :func:`forward` under
+:data:`NAME`, and :func:`use` names it, or torch's ``sdpa`` again. :func:`forward` takes a
 step of one query row without a mask (a single sequence decoding, the case that
 repeats for every token) and hands everything else, prompts included, to
 transformers' SDPA path; :class:`rinna_cli.batched_forward.BatchedForward` calls the
