@@ -23,23 +23,14 @@ from rinna_cli import native
 NAME = "rinna_attend"
 
 
-def takes(query: torch.Tensor, key: torch.Tensor) -> bool:
-    """Whether the kernel takes this step: one sequence, one query row, a key per query head, float32 or bfloat16
-    on the CPU, no gradient (the rest is SDPA's)."""
-    return (
-        query.shape[0] == 1
-        and query.shape[2] == 1
-        and key.shape[1] == query.shape[1]
-        and 0 < query.shape[-1] <= 1024
-        and query.dtype in (torch.float32, torch.bfloat16)
-        and query.device.type == key.device.type == "cpu"
-        and not torch.is_grad_enabled()
-    )
+def takes(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the kernel takes this step (:func:`rinna_cli.native.attendable`, no gradient); the rest is SDPA's."""
+    return not torch.is_grad_enabled() and native.attendable(query, key, value)
 
 
 def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' attention interface: rinna-cli's kernel for an unmasked step it :func:`takes`, else SDPA's path."""
-    if attention_mask is None and not dropout and takes(query, key):
+    if attention_mask is None and not dropout and takes(query, key, value):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         return native.library().attend(query, key, value, scale).transpose(1, 2), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)

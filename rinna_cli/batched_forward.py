@@ -196,9 +196,10 @@ class BatchedForward:
         keys, values = sequence.keys[layer], sequence.values[layer]
         keys[:, start:end] = key[0, :, row : row + count]
         values[:, start:end] = value[0, :, row : row + count]
-        one, cached = query[:, :, row : row + 1], keys[None, :, :end]
-        if count == 1 and attention.chosen(self._config) == "attend" and attention.takes(one, cached):  # as alone
-            return native.library().attend(one, cached, values[None, :, :end], self._scaling)
+        if count == 1 and attention.chosen(self._config) == "attend":  # a decode step, as the single engine's
+            one, cached = query[:, :, row : row + 1], (keys[None, :, :end], values[None, :, :end])
+            if attention.takes(one, *cached):
+                return native.library().attend(one, *cached, self._scaling)
         mask = None
         if count > 1 and start > 0:  # a later chunk: causal, offset by what is cached
             mask = torch.ones(count, end, dtype=torch.bool, device=self._device).tril(start)

@@ -86,6 +86,25 @@ def build(folder: Path, march: str = "native") -> Path:
     return path
 
 
+def attendable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """What ``attend`` takes: ``query`` (1, heads, 1, size) and ``key``, ``value`` (1, heads, tokens, size), views of
+    any strides but along ``size``, at least one token, 1 to 1024 values a head, all float32 or all bfloat16 on the
+    CPU."""
+    return (
+        query.dim() == 4
+        and query.shape[0] == 1
+        and query.shape[2] == 1
+        and key.shape == value.shape
+        and key.shape[:2] == query.shape[:2]
+        and key.shape[3] == query.shape[3]
+        and key.shape[2] > 0
+        and 0 < query.shape[3] <= 1024
+        and query.dtype in (torch.float32, torch.bfloat16)
+        and key.dtype == value.dtype == query.dtype
+        and query.device.type == key.device.type == value.device.type == "cpu"
+    )
+
+
 class Library:
     """The loaded kernels."""
 
@@ -131,26 +150,15 @@ class Library:
         return self._call(self._lib.rinna_int4dot, rows, codes, scales_zeros, in_features, group)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
-        """``softmax(scale * query @ key.T) @ value`` for one query per head: ``query`` (1, heads, 1, size), ``key`` and
-        ``value`` (1, heads, tokens, size), views of any strides but along ``size``, all float32 or all bfloat16;
-        the result (1, heads, 1, size) in that dtype."""
-        dtype = query.dtype
-        if (
-            query.dim() != 4
-            or query.shape[0] != 1
-            or query.shape[2] != 1
-            or key.shape != value.shape
-            or key.shape[:2] != query.shape[:2]
-            or key.shape[3] != query.shape[3]
-            or dtype not in (torch.float32, torch.bfloat16)
-            or key.dtype != dtype
-            or value.dtype != dtype
-            or {t.device.type for t in (query, key, value)} != {"cpu"}
-        ):
+        """``softmax(scale * query @ key.T) @ value`` for what :func:`attendable` accepts; the result
+        (1, heads, 1, size) in the query's dtype."""
+        if not attendable(query, key, value):
             raise ValueError(
-                f"attend takes one float32 or bfloat16 query per head and its cache on the CPU, not "
-                f"{tuple(query.shape)} {query.dtype} against {tuple(key.shape)} {key.dtype} on {key.device}"
+                "attend takes one float32 or bfloat16 query per head on the CPU, at least one cached token and heads "
+                f"of 1 to 1024 values, not {tuple(query.shape)} {query.dtype} against {tuple(key.shape)} {key.dtype} "
+                f"on {key.device}"
             )
+        dtype = query.dtype
         query, key, value = (t if t.stride(-1) == 1 else t.contiguous() for t in (query, key, value))
         heads, tokens, size = key.shape[1], key.shape[2], key.shape[3]
         out = torch.empty(1, heads, 1, size, dtype=dtype)
@@ -159,11 +167,7 @@ class Library:
             query.stride(1), key.stride(1), key.stride(2), value.stride(1), value.stride(2), scale,
             int(dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
-        if failed == 2:
-            raise ValueError(
-                f"attend takes at least one cached token and heads of 1 to 1024 values, not {tokens}, {size}"
-            )
-        if failed:
+        if failed:  # 2 (no token, too wide a head) is refused above
             raise MemoryError("the native attention could not allocate its scores")
         return out
 
