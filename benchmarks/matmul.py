@@ -30,7 +30,7 @@ def main(out_features: int, in_features: int) -> None:
     dense = [linear.weight.detach().to(torch.bfloat16) for linear in linears]
     chosen = ("int_mm", "int8dot", "int8pack")
     candidates = {name: (kernel, int8) for name, kernel in Int8Linear.KERNELS.items() if name in chosen}
-    candidates |= {  # int4's int_mm is int8's on the prompt copy
+    candidates |= {
         name: (kernel, int4) for name, kernel in Int4Linear.KERNELS.items() if name in ("int4dot", "int4pack")
     }
     candidates["bf16 dense"] = (lambda weight, x: nn.functional.linear(x.to(torch.bfloat16), weight), dense)

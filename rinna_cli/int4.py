@@ -3,23 +3,17 @@
 Each row of a weight is cut into groups of :data:`GROUP_SIZE` inputs; a group keeps
 4-bit codes 0..15 with its own scale and zero in bfloat16 (asymmetric,
 ``w ~ (q - 8) * scale + zero``). The codes are stored in rinna-cli's own layout, the
-same on every CPU (:func:`pack`: blocks of 64 inputs in 32 bytes, input ``j`` in the
-low half of byte ``j`` and input ``32 + j`` in its high half), which its own kernel
-``int4dot`` (:mod:`rinna_cli.native`) reads as they are: one pass over the weights per
-decode step, at the memory's speed where torch's int4 kernel ran at a third of it (the
-Zen 3 of docs/benchmarks.md). torch's kernel (``int4pack``) wants its own layout, which
-depends on the CPU's vector width; it is made from the codes in memory when the plan
-picks it (a machine without a C compiler), and the codes' pages are given back then.
-
-torch's int4 kernel is slow for a prompt (on the AMX Xeon it took 32 ms for 48 rows of
-one matrix, against 5.8 ms for ``_int_mm``), so each layer also keeps a *prompt copy*:
-the int4 weights as dequantized, requantized to int8 per row, for ``_int_mm`` (the
-prefill-only kernel ``int_mm``; where ``_int_mm`` is slow too, as on the Zen 3 with
-torch 2.13, the planner gives prompts to ``int4dot`` and the copy is never read). It doubles the cache file, not memory: a layer's
-copy is read for a prompt and its pages given back to the system right after
-(:mod:`rinna_cli.mapped`), so the int4 weights and one matrix's copy are all that is
-ever resident; the next prompt reads the copy again from the page cache (0.1–0.16 s for
-rinna's 3.4 GB on the AVX-512 Xeon, once per prompt or chunk).
+same on every CPU (:func:`pack`): panels of 16 rows, each 8 inputs of a panel in 64
+bytes, the 16 rows' codes of 4 inputs in the low halves and of the next 4 in the high
+halves; the scales and zeros likewise by panel (:func:`panel_pairs`). Its own kernel
+``int4dot`` (:mod:`rinna_cli.native`) reads them as they are, a lane of a vector per
+output row, so one kernel serves a decode step (one pass over the weights, at the
+memory's speed where torch's int4 kernel ran at a third of it on the Zen 3 of
+docs/benchmarks.md) and a prompt (compute-bound, about as fast as oneDNN's int8 GEMM on
+the Zen 4 of 2026-12-04), and gives a row the same bits in either. torch's kernel
+(``int4pack``) wants its own layout, which depends on the CPU's vector width; it is made
+from the codes in memory when the plan picks it (a machine without a C compiler), and
+the codes' pages are given back then.
 
 The output head stays int8 (:class:`rinna_cli.int8.Int8Linear`): it is 2.5 % of the
 weights and the logits are where rounding shows most (llama.cpp keeps it wider too).
@@ -29,16 +23,14 @@ a multiple of 64) stays int8 as well.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from rinna_cli import int8, mapped, native
+from rinna_cli import mapped, native
 from rinna_cli.int8 import Int8Linear, QuantLinear
 
-FORMAT = "rinna-cli-int4-v3"
-PROMPT_COPY = (".prompt_weight", ".prompt_scale")  # the parameters of the prompt copy, given back after each prompt
+FORMAT = "rinna-cli-int4-v4"
+PANEL = 16  # rows whose codes are stored together (pack)
 # Measured on rinna's shapes (docs/benchmarks.md): 128 costs a little accuracy against 64
 # and 32 and decodes fastest; it is also what the issue's Xeon test used.
 GROUP_SIZE = 128
@@ -56,39 +48,45 @@ def group_for(in_features: int, out_features: int) -> int:
 
 def pack(codes: torch.Tensor) -> torch.Tensor:
     """Codes 0..15 of shape (out, in) as rinna-cli's layout: (out, in / 2) uint8, see the module's docstring."""
-    blocks = codes.to(torch.uint8).reshape(codes.shape[0], -1, 2, 32)
-    return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(codes.shape[0], -1)
+    out_features, in_features = codes.shape
+    blocks = codes.to(torch.uint8).reshape(out_features // PANEL, PANEL, in_features // 8, 2, 4).transpose(1, 2)
+    return (blocks[..., 0, :] | (blocks[..., 1, :] << 4)).reshape(out_features, in_features // 2)
 
 
 def unpack(packed: torch.Tensor) -> torch.Tensor:
     """:func:`pack` undone: the codes (out, in) as int32."""
-    blocks = packed.reshape(packed.shape[0], -1, 1, 32)
-    return torch.cat([blocks & 15, blocks >> 4], dim=2).reshape(packed.shape[0], -1).to(torch.int32)
+    out_features, in_features = packed.shape[0], packed.shape[1] * 2
+    blocks = packed.reshape(out_features // PANEL, in_features // 8, PANEL, 1, 4)
+    codes = torch.cat([blocks & 15, blocks >> 4], dim=3).transpose(1, 2)
+    return codes.reshape(out_features, in_features).to(torch.int32)
+
+
+def panel_pairs(pairs: torch.Tensor) -> torch.Tensor:
+    """(scale, zero) per row and group, (out, groups, 2), as ``int4dot`` reads them: (out / 16, groups, 2, 16)."""
+    return pairs.reshape(pairs.shape[0] // PANEL, PANEL, *pairs.shape[1:]).permute(0, 2, 3, 1).contiguous()
+
+
+def row_pairs(panels: torch.Tensor) -> torch.Tensor:
+    """:func:`panel_pairs` undone."""
+    return panels.permute(0, 3, 1, 2).reshape(-1, panels.shape[1], 2)
 
 
 def quantize_weight(weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
-    """Asymmetric 4-bit codes per group and the int8 prompt copy of what they dequantize to.
-
-    Returns the :class:`Int4Linear` tensors: ``weight`` (packed codes), ``scales_zeros``
-    of shape (out, in / group, 2) in bfloat16, ``prompt_weight`` (out, in) int8 and its
-    ``prompt_scale`` per row.
-    """
+    """Asymmetric 4-bit codes per group: the :class:`Int4Linear` tensors ``weight`` (packed codes) and
+    ``scales_zeros`` (:func:`panel_pairs`) in bfloat16."""
     out_features, in_features = weight.shape
     codes = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
     pairs = torch.empty(out_features, in_features // group, 2, dtype=torch.bfloat16)
-    prompt = torch.empty(out_features, in_features, dtype=torch.int8)
-    prompt_scale = torch.empty(out_features, dtype=torch.float32)
-    for start in range(0, out_features, 1024):  # in slices: no float32 copy of a whole matrix
+    for start in range(0, out_features, 1024):  # in slices of whole panels: no float32 copy of a whole matrix
         rows = slice(start, start + 1024)
         block = weight[rows].float().reshape(-1, in_features // group, group)
         low, high = block.amin(dim=2, keepdim=True), block.amax(dim=2, keepdim=True)
         scale = (high - low).clamp(min=1e-8) / 15.0
         q = torch.round((block - low) / scale).clamp(0, 15)
-        pair = torch.cat([scale, low + 8 * scale], dim=2).to(torch.bfloat16)  # the kernels: (q - 8) * scale + zero
-        codes[rows], pairs[rows] = pack(q.reshape(-1, in_features)), pair
-        values = ((q - 8) * pair[..., :1].float() + pair[..., 1:].float()).reshape(-1, in_features)
-        prompt[rows], prompt_scale[rows] = int8.quantize_weight(values)
-    return {"weight": codes, "scales_zeros": pairs, "prompt_weight": prompt, "prompt_scale": prompt_scale}
+        codes[rows] = pack(q.reshape(-1, in_features))
+        # the kernels dequantize (q - 8) * scale + zero
+        pairs[rows] = torch.cat([scale, low + 8 * scale], dim=2).to(torch.bfloat16)
+    return {"weight": codes, "scales_zeros": panel_pairs(pairs)}
 
 
 def _int4dot(module: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
@@ -100,18 +98,12 @@ def _int4pack(dtype: torch.dtype):
     def kernel(module: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
         """torch's CPU int4 kernel with activations (and scales) in ``dtype``, on its layout made from the codes."""
         packed = module.derived("int4pack", module.torch_layout)
-        pairs = module.derived(f"scales:{dtype}", lambda: module.scales_zeros.transpose(0, 1).contiguous().to(dtype))
+        pairs = module.derived(
+            f"scales:{dtype}", lambda: row_pairs(module.scales_zeros).transpose(0, 1).contiguous().to(dtype)
+        )
         return torch._weight_int4pack_mm_for_cpu(rows.to(dtype).contiguous(), packed, module.group_size, pairs)
 
     return kernel
-
-
-def _prompt_int_mm(module: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
-    """``_int_mm`` on the int8 prompt copy (int8 activations), whose pages are given back after the call."""
-    y = int8.int_mm(rows, module.prompt_weight, module.prompt_scale)
-    if module.prompt_pages is not None:  # the cache maps it (a model quantized in memory keeps its copy)
-        module.prompt_pages.release()
-    return y
 
 
 class Int4Linear(QuantLinear):
@@ -121,9 +113,8 @@ class Int4Linear(QuantLinear):
         "int4dot": _int4dot,
         "int4pack": _int4pack(torch.bfloat16),
         "int4pack_f32": _int4pack(torch.float32),
-        "int_mm": _prompt_int_mm,
     }
-    PREFILL_ONLY = frozenset({"int_mm"})
+    SAME_ROWS = frozenset({"int4dot"})  # a row's bits whatever the rows multiplied with it
     decode = batch = prefill = "int4pack"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, group_size: int = GROUP_SIZE):
@@ -133,15 +124,10 @@ class Int4Linear(QuantLinear):
             torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device), requires_grad=False
         )
         self.scales_zeros = nn.Parameter(
-            torch.zeros(out_features, in_features // group_size, 2, dtype=torch.bfloat16, device=device),
+            torch.zeros(out_features // PANEL, in_features // group_size, 2, PANEL, dtype=torch.bfloat16,
+                        device=device),
             requires_grad=False,
-        )
-        self.prompt_weight = nn.Parameter(
-            torch.zeros(out_features, in_features, dtype=torch.int8, device=device), requires_grad=False
-        )
-        self.prompt_scale = nn.Parameter(
-            torch.ones(out_features, dtype=torch.float32, device=device), requires_grad=False
-        )
+        )  # fmt: skip
 
     @classmethod
     def quantize(cls, linear: nn.Linear, group: int = 0) -> Int4Linear:
@@ -158,7 +144,7 @@ class Int4Linear(QuantLinear):
         return {f"{name}.{key}": tensor for key, tensor in quantize_weight(weight, self.group_size).items()}
 
     def prepare(self, kernels: tuple[str, ...] = ()) -> None:
-        if TORCH_LAYOUT.intersection(kernels or (self.decode, self.batch)):
+        if TORCH_LAYOUT.intersection(kernels or (self.decode, self.batch, self.prefill)):
             self.derived("int4pack", self.torch_layout)
 
     def torch_layout(self) -> torch.Tensor:
@@ -168,11 +154,6 @@ class Int4Linear(QuantLinear):
         if pages is not None:
             pages.release()
         return packed
-
-    @functools.cached_property
-    def prompt_pages(self) -> mapped.Pages | None:
-        """Where the cache file maps the prompt copy (looked up at its first use: it never moves)."""
-        return mapped.file_pages(self.prompt_weight)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"

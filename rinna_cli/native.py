@@ -132,15 +132,18 @@ class Library:
 
     def int4dot(self, rows: torch.Tensor, codes: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
         """rows (m, in) by int4 weights in :mod:`rinna_cli.int4`'s layout: ``codes`` (out, in / 2) uint8 and
-        ``scales_zeros`` (out, groups, 2) bfloat16, groups of 64, 128 or 256 inputs."""
+        ``scales_zeros`` (out / 16, groups, 2, 16) bfloat16, groups of 64, 128 or 256 inputs, out a multiple of 16."""
         out_features, in_features = codes.shape[0], codes.shape[1] * 2
-        groups = scales_zeros.shape[1] if scales_zeros.dim() == 3 else 0
+        groups = scales_zeros.shape[1] if scales_zeros.dim() == 4 else 0
         group = in_features // groups if groups else 0
-        if codes.dtype != torch.uint8 or rows.shape[1] != in_features:
-            raise ValueError(f"int4dot takes uint8 codes of the rows' inputs, not {codes.dtype} {tuple(codes.shape)}")
+        if codes.dtype != torch.uint8 or rows.shape[1] != in_features or out_features % 16:
+            raise ValueError(
+                f"int4dot takes uint8 codes of the rows' inputs, 16 outputs at a time, not {codes.dtype} "
+                f"{tuple(codes.shape)}"
+            )
         if (
             scales_zeros.dtype != torch.bfloat16
-            or scales_zeros.shape != (out_features, groups, 2)
+            or scales_zeros.shape != (out_features // 16, groups, 2, 16)
             or group not in (64, 128, 256)
             or group * groups != in_features
         ):

@@ -118,19 +118,14 @@ def prune_stale(folder: Path, format: str) -> list[Path]:
 
 
 def _resident(model: nn.Module) -> list:
-    """The tensors a reply reads and keeps, in the order a prompt reads them: all but int4's prompt copies, which
-    are given back after each prompt, and its codes where torch's int4 kernel reads its own layout made from them
-    (:mod:`rinna_cli.int4`)."""
+    """The tensors a reply reads and keeps, in the order a prompt reads them: all but int4's codes where torch's int4
+    kernel reads its own layout made from them (:mod:`rinna_cli.int4`)."""
     unread = {
         f"{name}.weight"
         for name, module in model.named_modules()
         if isinstance(module, int4.Int4Linear) and module.decode in int4.TORCH_LAYOUT
     }
-    return [
-        tensor
-        for name, tensor in model.named_parameters()
-        if not name.endswith(int4.PROMPT_COPY) and name not in unread
-    ]
+    return [tensor for name, tensor in model.named_parameters() if name not in unread]
 
 
 def _stop(probe) -> None:

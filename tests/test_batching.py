@@ -25,14 +25,16 @@ GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.0, m
 
 
 def _load(folder, quantize: str, cache) -> Engine:
-    """``quantize`` is a scheme, or ``int8:decode/batch/prefill[/attention]`` to force int8 kernels (and attention)."""
+    """``quantize`` is a scheme, or ``int8:decode/batch/prefill[/attention]`` to force int8 kernels (and attention),
+    ``int4:...`` int4's (the int8 output head then int8dot's)."""
     scheme, _, forced = quantize.partition(":")
     dtype = "float32" if scheme == "none" else "auto"
     engine = Engine.load(folder, folder.name, Tokenizer.from_folder(folder), "cpu", dtype, scheme, cache_dir=cache)
     if forced:
         decode, batch, prefill, *attention = forced.split("/")
-        plan = kernels.Plan({"int8": (decode, batch, prefill)}, "float32", attention=(attention or ["sdpa"])[0])
-        kernels.apply(engine.model, plan)
+        chosen = {scheme: (decode, batch, prefill)} | ({"int8": ("int8dot",) * 3} if scheme == "int4" else {})
+        kernels.apply(engine.model, kernels.Plan(chosen, "float32", attention=(attention or ["sdpa"])[0]))
+        assert scheme in kernels.kinds_of(engine.model)
     return engine
 
 
@@ -75,7 +77,9 @@ def _memorized_prompts(tokenizer: Tokenizer) -> list[tuple[list[int], str]]:
     return prompts
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8", "int8:int_mm/int8dot/int_mm/attend"])
+@pytest.mark.parametrize(
+    "quantize", ["none", "int8", "int8:int_mm/int8dot/int_mm/attend", "int4:int4dot/int4dot/int4dot/attend"]
+)
 def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize):
     """All memorized prompts, 3 in flight, each joining as another leaves: each reply is the memorized one, as alone.
 
@@ -99,7 +103,14 @@ def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize
 
 @pytest.mark.parametrize(
     "quantize",
-    ["none", "int8", "int8:int_mm/int8dot/int_mm", "int8:int8dot/int8dot/int8dot", "int8:int_mm/int8dot/int_mm/attend"],
+    [
+        "none",
+        "int8",
+        "int8:int_mm/int8dot/int_mm",
+        "int8:int8dot/int8dot/int8dot",
+        "int8:int_mm/int8dot/int_mm/attend",
+        "int4:int4dot/int4dot/int4dot",
+    ],
 )
 def test_random_model_ids_match_the_single_engine(tiny_model, cache, quantize):
     """12 prompts of different lengths, 5 in flight: greedy, repetition penalty and seeded sampling ids as alone.

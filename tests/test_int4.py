@@ -59,26 +59,13 @@ def test_the_memorized_replies_hold_with_int4(memorized_model, tmp_path, kernel,
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 
 
-def test_the_prompt_copy_is_the_int4_weights_in_int8():
-    torch.manual_seed(1)
-    linear = torch.nn.Linear(256, 64, bias=False)
-    module = int4.Int4Linear.quantize(linear)
-    assert module.PREFILL_ONLY == {"int_mm"} and module.prompt_weight.dtype == torch.int8
-    module.decode = module.batch = module.prefill = "int4pack_f32"
-    int4_weights = module(torch.eye(256)).t()
-    copy = module.prompt_weight.float() * module.prompt_scale[:, None]
-    step = int4_weights.abs().amax(dim=1, keepdim=True) / 127
-    assert ((copy - int4_weights).abs() <= step * 0.5 + 1e-6).all()  # within int8 rounding of the int4 values
-    assert not ((copy - linear.weight).abs() <= step * 0.5 + 1e-6).all()  # and not the original weights
-
-
-def test_a_prompt_through_the_int8_copy_and_decoding_in_int4_give_the_memorized_replies(memorized_model, tmp_path):
-    mixed = kernels.Plan({"int4": ("int4pack_f32", "int4pack_f32", "int_mm"), "int8": ("int8pack", "int8pack", "int8pack")}, "float32")
+def test_a_prompt_through_int4dot_and_decoding_with_torch_give_the_memorized_replies(memorized_model, tmp_path):
+    mixed = kernels.Plan({"int4": ("int4pack_f32", "int4pack_f32", "int4dot"), "int8": ("int8pack", "int8pack", "int8pack")}, "float32")
     model, _ = load(memorized_model, tmp_path, mixed)
     assert replies(model, Tokenizer.from_folder(memorized_model))[0] == EXPECTED
 
 
-def test_the_int4_cache_holds_our_codes_and_the_prompt_copy_the_same_on_every_cpu(memorized_model, tmp_path, monkeypatch):
+def test_the_int4_cache_holds_our_codes_and_scales_only_the_same_on_every_cpu(memorized_model, tmp_path, monkeypatch):
     load(memorized_model, tmp_path, plan("int4dot", "float32"))
     (path,) = (tmp_path / "int4").glob("*.safetensors")
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("__pad")}
@@ -88,9 +75,8 @@ def test_the_int4_cache_holds_our_codes_and_the_prompt_copy_the_same_on_every_cp
     packed = state[f"{name}.weight"]
     assert packed.dtype == torch.uint8 and packed.shape == (128, 32)  # two 4-bit codes per byte
     assert torch.equal(packed, want["weight"]) and torch.equal(state[f"{name}.scales_zeros"], want["scales_zeros"])
-    assert state[f"{name}.scales_zeros"].shape == (128, 1, 2)
-    assert state[f"{name}.prompt_weight"].shape == (128, 64)
-    assert state[f"{name}.prompt_scale"].shape == (128,)
+    assert state[f"{name}.scales_zeros"].shape == (8, 1, 2, 16)  # by panel of 16 rows
+    assert {key.rsplit(".", 1)[1] for key in state if key.startswith(f"{name}.")} == {"weight", "scales_zeros", "bias"}
     assert state["lm_head.weight"].dtype == torch.int8
     config = AutoConfig.from_pretrained(memorized_model)
     assert cache_path(memorized_model, "int4", tmp_path, config) == path
@@ -100,12 +86,21 @@ def test_the_int4_cache_holds_our_codes_and_the_prompt_copy_the_same_on_every_cp
     assert cache_path(memorized_model, "int4", tmp_path, config) != path
 
 
-def test_codes_unpack_to_what_was_packed_in_blocks_of_64():
-    codes = torch.arange(128).remainder(16).reshape(1, 128).repeat(3, 1)
+def test_codes_are_packed_by_panels_of_16_rows_and_8_inputs_and_unpack_to_what_was_packed():
+    codes = torch.randint(0, 16, (32, 128))
     packed = int4.pack(codes)
-    assert packed.shape == (3, 64) and packed[0, 0] == (0 | (32 % 16) << 4) and packed[0, 1] == (1 | (33 % 16) << 4)
-    assert packed[0, 32] == (64 % 16 | (96 % 16) << 4)
+    assert packed.shape == (32, 64)
+    flat = packed.reshape(-1)
+    # panel 0, inputs 0..7: byte 4l + b is row l's input b (low half) and input 4 + b (high half)
+    assert flat[4 * 5 + 2] == codes[5, 2] | (codes[5, 6] << 4)
+    # panel 0, inputs 8..15 follow at byte 64; panel 1 (rows 16..31) after the 16 chunks of panel 0
+    assert flat[64 + 4 * 15 + 3] == codes[15, 11] | (codes[15, 15] << 4)
+    assert flat[16 * 64 + 4 * 1 + 0] == codes[17, 0] | (codes[17, 4] << 4)
     assert torch.equal(int4.unpack(packed), codes.to(torch.int32))
+    pairs = torch.randn(32, 2, 2).to(torch.bfloat16)
+    panels = int4.panel_pairs(pairs)
+    assert panels.shape == (2, 2, 2, 16) and panels[1, 0, 1, 3] == pairs[19, 0, 1]
+    assert torch.equal(int4.row_pairs(panels), pairs)
 
 
 def test_torch_int4_kernel_reads_its_layout_made_in_memory_and_the_codes_are_not_fetched(memorized_model, tmp_path):
