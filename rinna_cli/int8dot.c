@@ -7,9 +7,12 @@
  * For the few rows of a batched decode step (rinna_cli/native.py says why): each weight
  * row is read from memory once for all the rows (up to MAXM at a time), one or two output
  * channels at a time (NB), the weights ahead prefetched; the inputs are cut into spans whose
- * quantized rows fit the L1 cache, the int32 sums of the spans added up. Built on the
- * machine with -march=native, so the path is the widest the CPU has: AVX-512 VNNI, AVX2,
- * or plain C.
+ * quantized rows fit the L1 cache, the int32 sums of the spans added up. For a prompt on the
+ * AVX-512 path (more rows, compute-bound): chunks of weight rows that stay in the L2 cache
+ * while all the rows multiply them, 6 rows against 2 weight rows at a time (prompt(); 14 %
+ * faster than oneDNN's _int_mm for 48 rows on the Zen 4 of 2026-12-04; on the AVX2 path the
+ * same tiling was no faster than block()). Built on the machine with -march=native, so the
+ * path is the widest the CPU has: AVX-512 VNNI, AVX2, or plain C.
  */
 #include <math.h>
 #include <omp.h>
@@ -69,6 +72,46 @@ static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
         sum += w[k];
     }
     return s - 128 * sum;
+}
+
+/* For a prompt: sums of rows i < m against weight rows n0..n0+nn-1 over all K, from the rows' sums of the
+ * weights (128 times which vpdpbusd's unsigned x adds); TM defined is what says the path has it */
+#define TM 6
+#define TN 2 /* 12 accumulators: GCC kept 16 (4 x 4) in registers but stored them to the stack every step */
+static inline __attribute__((always_inline)) void tile(const xtype *x, const int8_t *w, const int32_t *wsum,
+                                                        int32_t *sums, const int m, const int nn, int n0, int N,
+                                                        int K) {
+    __m512i acc[TM][TN];
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < nn; j++) acc[i][j] = _mm512_setzero_si512();
+#define STEP(MASK)                                                                                     \
+    {                                                                                                  \
+        __m512i wv[TN];                                                                                \
+        for (int j = 0; j < nn; j++) wv[j] = _mm512_maskz_loadu_epi8(MASK, w + (size_t)(n0 + j) * K + k); \
+        for (int i = 0; i < m; i++) {                                                                  \
+            __m512i xv = _mm512_maskz_loadu_epi8(MASK, x + (size_t)i * K + k);                         \
+            for (int j = 0; j < nn; j++) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);        \
+        }                                                                                              \
+    }
+    int k = 0;
+    for (; k + 64 <= K; k += 64) STEP(~0ULL)
+    if (k < K) STEP((~0ULL) >> (64 - (K - k)))
+#undef STEP
+    for (int i = 0; i < m; i++)
+        for (int j = 0; j < nn; j++) sums[(size_t)i * N + n0 + j] = _mm512_reduce_add_epi32(acc[i][j]) - 128 * wsum[j];
+}
+
+/* the sums of weight rows n0..n1-1 */
+static void weight_sums(const int8_t *w, int32_t *wsum, int n0, int n1, int K) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    for (int n = n0; n < n1; n++) {
+        __m512i sum = _mm512_setzero_si512();
+        for (int k = 0; k < K; k += 64) {
+            __mmask64 mask = K - k >= 64 ? ~0ULL : (~0ULL) >> (64 - (K - k));
+            sum = _mm512_dpbusd_epi32(sum, ones, _mm512_maskz_loadu_epi8(mask, w + (size_t)n * K + k));
+        }
+        wsum[n - n0] = _mm512_reduce_add_epi32(sum);
+    }
 }
 
 #elif defined(__AVX2__)
@@ -161,6 +204,38 @@ static float quantize(const float *row, xtype *q, int K) {
         }                                                                                            \
         break;
 
+#ifdef TM
+#define L2_BYTES 262144 /* of weight rows per chunk, multiplied by every row of a prompt while in the L2 cache */
+
+/* Constant row and weight-row counts, so that the sums stay in registers. */
+#define TILES(M_)                                                                                     \
+    case M_:                                                                                          \
+        for (; n + TN <= c1; n += TN) tile(xm, w, wsum + (n - c0), s, M_, TN, n, N, K);              \
+        for (; n < c1; n++) tile(xm, w, wsum + (n - c0), s, M_, 1, n, N, K);                          \
+        break;
+
+/* A prompt's sums for weight rows lo..hi-1: chunks of them that stay in the L2 cache while every row, TM at a
+ * time, multiplies them TN at a time; each sum exact, so the same as block()'s. 0 on success. */
+static int prompt(const xtype *x, const int8_t *w, int32_t *sums, int M, int N, int K, int lo, int hi) {
+    int chunk = L2_BYTES / K / TN * TN;
+    chunk = chunk < TN ? TN : chunk;
+    int32_t *wsum = malloc(sizeof(int32_t) * (size_t)chunk);
+    if (!wsum) return 1;
+    for (int c0 = lo; c0 < hi; c0 += chunk) {
+        int c1 = hi - c0 < chunk ? hi : c0 + chunk;
+        weight_sums(w, wsum, c0, c1, K);
+        for (int m0 = 0; m0 < M; m0 += TM) {
+            const xtype *xm = x + (size_t)m0 * K;
+            int32_t *s = sums + (size_t)m0 * N;
+            int n = c0;
+            switch (M - m0 < TM ? M - m0 : TM) { TILES(6) TILES(5) TILES(4) TILES(3) TILES(2) TILES(1) }
+        }
+    }
+    free(wsum);
+    return 0;
+}
+#endif
+
 /* out (M x N) = rows (M x K) times the dequantized w (N x K) transposed, as above; row-major and contiguous.
  * 0 on success. */
 int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float *out, int M, int N, int K,
@@ -176,12 +251,18 @@ int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float 
         return 1;
     }
     for (int i = 0; i < M; i++) steps[i] = quantize(rows + (size_t)i * K, converted + (size_t)i * K, K);
-    int blocks = N / NB;
-#pragma omp parallel num_threads(threads)
+    int blocks = N / NB, failed = 0;
+#pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
         int lo = (int)((long)blocks * t / nt), hi = (int)((long)blocks * (t + 1) / nt);
+        int first = lo * NB, last = t == nt - 1 ? N : hi * NB;
+#ifdef TM
+        if (M > MAXM) failed = prompt(converted, w, sums, M, N, K, first, last);
+        for (int m0 = 0; m0 < M && M <= MAXM; m0 += MAXM) {
+#else
         for (int m0 = 0; m0 < M; m0 += MAXM) {
+#endif
             int m = M - m0 < MAXM ? M - m0 : MAXM;
             const xtype *x = converted + (size_t)m0 * K;
             int32_t *part = sums + (size_t)m0 * N;
@@ -195,7 +276,6 @@ int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float 
                 for (int n = blocks * NB; n < N; n++)
                     for (int i = 0; i < m; i++) part[(size_t)i * N + n] = single(x + (size_t)i * K, w + (size_t)n * K, 0, K);
         }
-        int first = lo * NB, last = t == nt - 1 ? N : hi * NB;
         for (int i = 0; i < M; i++)
             for (int n = first; n < last; n++) {
                 float scaled = (float)sums[(size_t)i * N + n] * steps[i]; /* torch: summed * step * scale */
@@ -205,5 +285,5 @@ int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float 
     free(converted);
     free(steps);
     free(sums);
-    return 0;
+    return failed;
 }
