@@ -255,8 +255,15 @@ const char *rinna_int4dot_path(void) { return PATH; }
 static void quantize(const float *row, int8_t *q, float *steps, float *totals, int K, int qg) {
     for (int g = 0; g < K / qg; g++) {
         const float *xg = row + (size_t)g * qg;
-        float amax = 0.0f;
-        for (int k = 0; k < qg; k++) amax = fmaxf(amax, fabsf(xg[k]));
+        uint32_t top = 0; /* max |x| compared as integers (a float's magnitude bits order as it does): vectorized */
+        for (int k = 0; k < qg; k++) {
+            uint32_t bits;
+            memcpy(&bits, xg + k, 4);
+            bits &= 0x7fffffffu;
+            top = bits > top ? bits : top;
+        }
+        float amax;
+        memcpy(&amax, &top, 4);
         float step = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
         int32_t sum = 0;
         for (int k = 0; k < qg; k++) {
@@ -311,6 +318,7 @@ int rinna_int4dot(const float *rows, const uint8_t *w, const uint16_t *sz, float
     float *steps = malloc(sizeof(float) * (size_t)M * G), *totals = malloc(sizeof(float) * (size_t)M * G);
     int failed = !q || !steps || !totals;
     if (!failed) {
+#pragma omp parallel for num_threads(threads) if (M > 1)
         for (int i = 0; i < M; i++)
             quantize(rows + (size_t)i * K, q + (size_t)i * K, steps + (size_t)i * G, totals + (size_t)i * G, K, qg);
 #pragma omp parallel num_threads(threads) reduction(| : failed)

@@ -250,6 +250,7 @@ int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float 
         free(sums);
         return 1;
     }
+#pragma omp parallel for num_threads(threads) if (M > 1)
     for (int i = 0; i < M; i++) steps[i] = quantize(rows + (size_t)i * K, converted + (size_t)i * K, K);
     int blocks = N / NB, failed = 0;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
