@@ -9,7 +9,7 @@ halves; the scales and zeros likewise by panel (:func:`panel_pairs`). Its own ke
 ``int4dot`` (:mod:`rinna_cli.native`) reads them as they are, a lane of a vector per
 output row, so one kernel serves a decode step (one pass over the weights, at the
 memory's speed where torch's int4 kernel ran at a third of it on the Zen 3 of
-docs/benchmarks.md) and a prompt (compute-bound, about as fast as oneDNN's int8 GEMM on
+docs/benchmarks.md) and a prompt (compute-bound, 25–30 % faster than oneDNN's int8 GEMM on
 the Zen 4 of 2026-12-04), and gives a row the same bits in either. torch's kernel
 (``int4pack``) wants its own layout, which depends on the CPU's vector width; it is made
 from the codes in memory when the plan picks it (a machine without a C compiler), and

@@ -16,8 +16,10 @@
  * each sum in the order of g. Every row goes through the same operations whatever the rows multiplied
  * with it, so its output does not depend on them: a decode step, a batch and a prompt give a row the
  * same bits. Rows are taken MR at a time against NR panels, their sums in registers; a thread's
- * panels are read from memory once per call, and for a prompt unpacked to bytes once, for all its
- * rows. Built like int8dot.c (-march=native: AVX-512 VNNI, AVX2 or plain C).
+ * panels are read from memory once per call, by its first MR rows, the others finding them in the
+ * caches (unpacking them to bytes once for all rows was slower: 4.8 against 4.2 ms for 48 rows of
+ * 11264 x 2816 on the Zen 4 of 2026-12-04). Built like int8dot.c (-march=native: AVX-512 VNNI,
+ * AVX2 or plain C).
  */
 #include <math.h>
 #include <omp.h>
@@ -53,13 +55,12 @@ static inline __m512 bf16x16(const uint16_t *at) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)at)), 16));
 }
 
-/* out[i][16j + l] for rows i < m and panels j < np, from the codes at `codes` (packed: as stored; else unpacked
- * to bytes, a panel's 4-input groups of 64 bytes in order), sz at the first panel's groups */
+/* out[i][16j + l] for rows i < m and panels j < np from the codes at `codes`, sz at the first panel's groups */
 static inline __attribute__((always_inline)) void micro(const int8_t *q, const float *st, const float *tt,
-                                                         const uint8_t *codes, const int packed, const uint16_t *sz,
-                                                         float *out, const int m, const int np, int N, int K, int qg) {
+                                                         const uint8_t *codes, const uint16_t *sz, float *out,
+                                                         const int m, const int np, int N, int K, int qg) {
     const int G = K / qg;
-    const size_t stride = packed ? (size_t)K * 8 : (size_t)K * 16; /* bytes per panel */
+    const size_t stride = (size_t)K * 8; /* bytes per panel */
     const __m512i low = _mm512_set1_epi8(0x0F);
     __m512 acc[MR][NR];
     for (int i = 0; i < m; i++)
@@ -72,16 +73,11 @@ static inline __attribute__((always_inline)) void micro(const int8_t *q, const f
         for (int c = g * (qg / 8); c < (g + 1) * (qg / 8); c++) {
             __m512i lo[NR], hi[NR];
             for (int j = 0; j < np; j++) {
-                if (packed) {
-                    const uint8_t *at = codes + j * stride + (size_t)c * CHUNK;
-                    _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);
-                    __m512i v = _mm512_loadu_si512((const void *)at);
-                    lo[j] = _mm512_and_si512(v, low);
-                    hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-                } else {
-                    lo[j] = _mm512_loadu_si512((const void *)(codes + j * stride + (size_t)c * 2 * CHUNK));
-                    hi[j] = _mm512_loadu_si512((const void *)(codes + j * stride + (size_t)c * 2 * CHUNK + CHUNK));
-                }
+                const uint8_t *at = codes + j * stride + (size_t)c * CHUNK;
+                _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);
+                __m512i v = _mm512_loadu_si512((const void *)at);
+                lo[j] = _mm512_and_si512(v, low);
+                hi[j] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             }
             for (int i = 0; i < m; i++) {
                 __m512i b0 = _mm512_set1_epi32(four(q + (size_t)i * K + 8 * c));
@@ -112,52 +108,40 @@ static inline __attribute__((always_inline)) void micro(const int8_t *q, const f
         }
 }
 
-/* np panels of codes as stored, to bytes: 4-input groups of 64 bytes in order */
-static void unpack(const uint8_t *w, uint8_t *to, int np, int K) {
-    const __m512i low = _mm512_set1_epi8(0x0F);
-    for (size_t c = 0; c < (size_t)np * K / 8; c++) {
-        __m512i v = _mm512_loadu_si512((const void *)(w + c * CHUNK));
-        _mm512_storeu_si512((void *)(to + 2 * c * CHUNK), _mm512_and_si512(v, low));
-        _mm512_storeu_si512((void *)(to + 2 * c * CHUNK + CHUNK), _mm512_and_si512(_mm512_srli_epi16(v, 4), low));
-    }
-}
-
 #elif defined(__AVX2__)
 #define PATH "avx2"
-#define MR 2 /* rows against one panel (two halves of 8 lanes): 16-bit and 32-bit sums in the 16 registers */
+#define MR 5 /* rows against half a panel (8 lanes) at a time, their 16-bit and 32-bit sums in registers */
 #define NR 1
 
-/* out[i][l] for rows i < m and the panel at `codes` (packed: as stored; else unpacked to bytes) */
-static inline __attribute__((always_inline)) void micro(const int8_t *q, const float *st, const float *tt,
-                                                         const uint8_t *codes, const int packed, const uint16_t *sz,
-                                                         float *out, const int m, const int np, int N, int K, int qg) {
-    (void)np;
+static inline __m256 bf16x8(const uint16_t *at) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)at)), 16));
+}
+
+/* out[i][8h + l] for rows i < m and halves h0..h0+H-1 of the panel at `codes` */
+static inline __attribute__((always_inline)) void halves(const int8_t *q, const float *st, const float *tt,
+                                                          const uint8_t *codes, const uint16_t *sz, float *out,
+                                                          const int m, int N, int K, int qg, int h0, const int H) {
     const int G = K / qg;
     const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-    float acc[MR][PANEL];
+    __m256 acc[MR][2];
     for (int i = 0; i < m; i++)
-        for (int l = 0; l < PANEL; l++) acc[i][l] = 0.0f;
+        for (int h = 0; h < H; h++) acc[i][h] = _mm256_setzero_ps();
     for (int g = 0; g < G; g++) {
         __m256i d[MR][2];
-        for (int i = 0; i < m; i++) d[i][0] = d[i][1] = _mm256_setzero_si256();
+        for (int i = 0; i < m; i++)
+            for (int h = 0; h < H; h++) d[i][h] = _mm256_setzero_si256();
         /* codes <= 15 and |q| <= 127: a 16-bit lane sums 2 products per vpmaddubsw, at most 3810, so eight of them
          * (four chunks) fit before they are widened */
         for (int c0 = g * (qg / 8); c0 < (g + 1) * (qg / 8); c0 += 4) {
             __m256i p[MR][2];
-            for (int i = 0; i < m; i++) p[i][0] = p[i][1] = _mm256_setzero_si256();
+            for (int i = 0; i < m; i++)
+                for (int h = 0; h < H; h++) p[i][h] = _mm256_setzero_si256();
             for (int c = c0; c < c0 + 4; c++)
-                for (int h = 0; h < 2; h++) {
-                    __m256i lo, hi;
-                    if (packed) {
-                        const uint8_t *at = codes + (size_t)c * CHUNK + 32 * h;
-                        _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);
-                        __m256i v = _mm256_loadu_si256((const __m256i *)at);
-                        lo = _mm256_and_si256(v, low);
-                        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-                    } else {
-                        lo = _mm256_loadu_si256((const __m256i *)(codes + (size_t)c * 2 * CHUNK + 32 * h));
-                        hi = _mm256_loadu_si256((const __m256i *)(codes + (size_t)c * 2 * CHUNK + CHUNK + 32 * h));
-                    }
+                for (int h = 0; h < H; h++) {
+                    const uint8_t *at = codes + (size_t)c * CHUNK + 32 * (h0 + h);
+                    _mm_prefetch((const char *)(at + 4096), _MM_HINT_T0);
+                    __m256i v = _mm256_loadu_si256((const __m256i *)at);
+                    __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                     for (int i = 0; i < m; i++) {
                         __m256i b0 = _mm256_set1_epi32(four(q + (size_t)i * K + 8 * c));
                         __m256i b1 = _mm256_set1_epi32(four(q + (size_t)i * K + 8 * c + 4));
@@ -166,44 +150,40 @@ static inline __attribute__((always_inline)) void micro(const int8_t *q, const f
                     }
                 }
             for (int i = 0; i < m; i++)
-                for (int h = 0; h < 2; h++) d[i][h] = _mm256_add_epi32(d[i][h], _mm256_madd_epi16(p[i][h], ones));
+                for (int h = 0; h < H; h++) d[i][h] = _mm256_add_epi32(d[i][h], _mm256_madd_epi16(p[i][h], ones));
         }
-        const uint16_t *at = sz + (size_t)g * 32;
-        for (int h = 0; h < 2; h++) {
-            __m256 scale = _mm256_castsi256_ps(
-                _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(at + 8 * h))), 16));
+        for (int h = 0; h < H; h++) {
+            __m256 scale = bf16x8(sz + (size_t)g * 32 + 8 * (h0 + h));
             for (int i = 0; i < m; i++) {
                 __m256 factor = _mm256_mul_ps(scale, _mm256_set1_ps(st[(size_t)i * G + g]));
-                _mm256_storeu_ps(acc[i] + 8 * h,
-                                 _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][h]), factor, _mm256_loadu_ps(acc[i] + 8 * h)));
+                acc[i][h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][h]), factor, acc[i][h]);
             }
         }
     }
     for (int i = 0; i < m; i++)
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < H; h++) {
             __m256 shifted = _mm256_setzero_ps();
             for (int g = 0; g < G; g++) {
-                const uint16_t *at = sz + (size_t)g * 32 + 8 * h;
-                __m256 scale = _mm256_castsi256_ps(
-                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)at)), 16));
-                __m256 zero = _mm256_castsi256_ps(
-                    _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(at + 16))), 16));
-                __m256 shift = _mm256_sub_ps(zero, _mm256_mul_ps(_mm256_set1_ps(8.0f), scale));
+                const uint16_t *at = sz + (size_t)g * 32 + 8 * (h0 + h);
+                __m256 shift = _mm256_sub_ps(bf16x8(at + 16), _mm256_mul_ps(_mm256_set1_ps(8.0f), bf16x8(at)));
                 shifted = _mm256_fmadd_ps(shift, _mm256_set1_ps(tt[(size_t)i * G + g]), shifted);
             }
-            _mm256_storeu_ps(out + (size_t)i * N + 8 * h, _mm256_add_ps(_mm256_loadu_ps(acc[i] + 8 * h), shifted));
+            _mm256_storeu_ps(out + (size_t)i * N + 8 * (h0 + h), _mm256_add_ps(acc[i][h], shifted));
         }
 }
 
-static void unpack(const uint8_t *w, uint8_t *to, int np, int K) {
-    const __m256i low = _mm256_set1_epi8(0x0F);
-    for (size_t c = 0; c < (size_t)np * K / 8; c++)
-        for (int h = 0; h < 2; h++) {
-            __m256i v = _mm256_loadu_si256((const __m256i *)(w + c * CHUNK + 32 * h));
-            _mm256_storeu_si256((__m256i *)(to + 2 * c * CHUNK + 32 * h), _mm256_and_si256(v, low));
-            _mm256_storeu_si256((__m256i *)(to + 2 * c * CHUNK + CHUNK + 32 * h),
-                                _mm256_and_si256(_mm256_srli_epi16(v, 4), low));
-        }
+/* out[i][l] for rows i < m and the panel at `codes`: both halves in one pass over the codes for a decode step's
+ * few rows, else a half at a time (the sums of more rows against both do not fit the 16 registers) */
+static inline __attribute__((always_inline)) void micro(const int8_t *q, const float *st, const float *tt,
+                                                         const uint8_t *codes, const uint16_t *sz, float *out,
+                                                         const int m, const int np, int N, int K, int qg) {
+    (void)np;
+    if (m <= 2) {
+        halves(q, st, tt, codes, sz, out, m, N, K, qg, 0, 2);
+    } else {
+        halves(q, st, tt, codes, sz, out, m, N, K, qg, 0, 1);
+        halves(q, st, tt, codes, sz, out, m, N, K, qg, 1, 1);
+    }
 }
 
 #else
@@ -211,8 +191,8 @@ static void unpack(const uint8_t *w, uint8_t *to, int np, int K) {
 #define MR 1
 #define NR 1
 
-static inline void micro(const int8_t *q, const float *st, const float *tt, const uint8_t *codes, const int packed,
-                         const uint16_t *sz, float *out, const int m, const int np, int N, int K, int qg) {
+static inline void micro(const int8_t *q, const float *st, const float *tt, const uint8_t *codes, const uint16_t *sz,
+                         float *out, const int m, const int np, int N, int K, int qg) {
     (void)np;
     (void)m;
     (void)N;
@@ -223,14 +203,8 @@ static inline void micro(const int8_t *q, const float *st, const float *tt, cons
             int32_t d = 0;
             for (int c = g * (qg / 8); c < (g + 1) * (qg / 8); c++)
                 for (int b = 0; b < 4; b++) {
-                    int lo, hi;
-                    if (packed) {
-                        uint8_t v = codes[(size_t)c * CHUNK + 4 * l + b];
-                        lo = v & 15, hi = v >> 4;
-                    } else {
-                        lo = codes[(size_t)c * 2 * CHUNK + 4 * l + b], hi = codes[(size_t)c * 2 * CHUNK + CHUNK + 4 * l + b];
-                    }
-                    d += lo * q[8 * c + b] + hi * q[8 * c + 4 + b];
+                    uint8_t v = codes[(size_t)c * CHUNK + 4 * l + b];
+                    d += (v & 15) * q[8 * c + b] + (v >> 4) * q[8 * c + 4 + b];
                 }
             float scale = bf16(sz[(size_t)g * 32 + l]), zero = bf16(sz[(size_t)g * 32 + 16 + l]);
             acc = fmaf((float)d, scale * st[g], acc);
@@ -238,14 +212,6 @@ static inline void micro(const int8_t *q, const float *st, const float *tt, cons
         }
         out[l] = acc + shifted;
     }
-}
-
-static void unpack(const uint8_t *w, uint8_t *to, int np, int K) {
-    for (size_t c = 0; c < (size_t)np * K / 8; c++)
-        for (int j = 0; j < CHUNK; j++) {
-            to[2 * c * CHUNK + j] = w[c * CHUNK + j] & 15;
-            to[2 * c * CHUNK + CHUNK + j] = w[c * CHUNK + j] >> 4;
-        }
 }
 #endif
 
@@ -276,22 +242,15 @@ static void quantize(const float *row, int8_t *q, float *steps, float *totals, i
     }
 }
 
-/* Constant row and panel counts and form of the codes, so that the sums stay in registers. */
-#define ROWS(M_, PACKED)                                                                                  \
+/* Constant row and panel counts, so that the sums stay in registers. */
+#define ROWS(M_)                                                                                          \
     case M_:                                                                                              \
-        if (np == NR) micro(x, st, tt, codes, PACKED, s, o, M_, NR, N, K, qg);                            \
-        else micro(x, st, tt, codes, PACKED, s, o, M_, 1, N, K, qg);                                      \
+        if (np == NR) micro(x, st, tt, codes, s, o, M_, NR, N, K, qg);                                    \
+        else micro(x, st, tt, codes, s, o, M_, 1, N, K, qg);                                              \
         break;
-#if MR >= 5
-#define CASES(PACKED) ROWS(5, PACKED) ROWS(4, PACKED) ROWS(3, PACKED) ROWS(2, PACKED) ROWS(1, PACKED)
-#elif MR >= 2
-#define CASES(PACKED) ROWS(2, PACKED) ROWS(1, PACKED)
-#else
-#define CASES(PACKED) ROWS(1, PACKED)
-#endif
 
-/* all M rows, MR at a time, against panels p0..p0+np-1 (codes: theirs as stored if packed, else as bytes) */
-static void panels(const int8_t *q, const float *steps, const float *totals, const uint8_t *codes, int packed,
+/* all M rows, MR at a time, against panels p0..p0+np-1 (read from memory by the first rows, then from the caches) */
+static void panels(const int8_t *q, const float *steps, const float *totals, const uint8_t *codes,
                    const uint16_t *sz, float *out, int M, int N, int K, int qg, int p0, int np) {
     const int G = K / qg;
     for (int m0 = 0; m0 < M; m0 += MR) {
@@ -299,10 +258,11 @@ static void panels(const int8_t *q, const float *steps, const float *totals, con
         const float *st = steps + (size_t)m0 * G, *tt = totals + (size_t)m0 * G;
         const uint16_t *s = sz + (size_t)p0 * G * 32;
         float *o = out + (size_t)m0 * N + (size_t)PANEL * p0;
-        if (packed) {
-            switch (M - m0 < MR ? M - m0 : MR) { CASES(1) }
-        } else {
-            switch (M - m0 < MR ? M - m0 : MR) { CASES(0) }
+        switch (M - m0 < MR ? M - m0 : MR) {
+#if MR >= 5
+            ROWS(5) ROWS(4) ROWS(3) ROWS(2)
+#endif
+            ROWS(1)
         }
     }
 }
@@ -321,20 +281,14 @@ int rinna_int4dot(const float *rows, const uint8_t *w, const uint16_t *sz, float
 #pragma omp parallel for num_threads(threads) if (M > 1)
         for (int i = 0; i < M; i++)
             quantize(rows + (size_t)i * K, q + (size_t)i * K, steps + (size_t)i * G, totals + (size_t)i * G, K, qg);
-#pragma omp parallel num_threads(threads) reduction(| : failed)
+#pragma omp parallel num_threads(threads)
         {
             int t = omp_get_thread_num(), nt = omp_get_num_threads();
             int lo = (int)((long)units * t / nt), hi = (int)((long)units * (t + 1) / nt);
-            /* for more rows than one pass takes, a unit's codes unpacked once for all of them */
-            uint8_t *bytes = M > MR ? malloc((size_t)NR * PANEL * K) : NULL;
-            failed = M > MR && !bytes;
-            for (int u = lo; u < hi && !failed; u++) {
+            for (int u = lo; u < hi; u++) {
                 int full = P / NR, p0 = u < full ? u * NR : full * NR + (u - full), np = u < full ? NR : 1;
-                const uint8_t *codes = w + (size_t)p0 * K * 8;
-                if (bytes) unpack(codes, bytes, np, K);
-                panels(q, steps, totals, bytes ? bytes : codes, !bytes, sz, out, M, N, K, qg, p0, np);
+                panels(q, steps, totals, w + (size_t)p0 * K * 8, sz, out, M, N, K, qg, p0, np);
             }
-            free(bytes);
         }
     }
     free(q);
