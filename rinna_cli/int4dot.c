@@ -26,6 +26,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "native.h"
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -221,15 +223,7 @@ const char *rinna_int4dot_path(void) { return PATH; }
 static void quantize(const float *row, int8_t *q, float *steps, float *totals, int K, int qg) {
     for (int g = 0; g < K / qg; g++) {
         const float *xg = row + (size_t)g * qg;
-        uint32_t top = 0; /* max |x| compared as integers (a float's magnitude bits order as it does): vectorized */
-        for (int k = 0; k < qg; k++) {
-            uint32_t bits;
-            memcpy(&bits, xg + k, 4);
-            bits &= 0x7fffffffu;
-            top = bits > top ? bits : top;
-        }
-        float amax;
-        memcpy(&amax, &top, 4);
+        float amax = absmax(xg, qg);
         float step = (amax > 1e-8f ? amax : 1e-8f) / 127.0f;
         int32_t sum = 0;
         for (int k = 0; k < qg; k++) {

@@ -19,6 +19,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "native.h"
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -176,19 +178,9 @@ static int32_t single(const xtype *x, const int8_t *w, int k0, int k1) {
 
 const char *rinna_int8dot_path(void) { return PATH; }
 
-/* torch: step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0; q = round(rows / step).to(int8).
- * The absolute values are compared as integers (a float's magnitude bits order as it does),
- * which vectorizes without -ffast-math. */
+/* torch: step = rows.abs().amax(dim=1).clamp(min=1e-8) / 127.0; q = round(rows / step).to(int8). */
 static float quantize(const float *row, xtype *q, int K) {
-    uint32_t top = 0;
-    for (int k = 0; k < K; k++) {
-        uint32_t bits;
-        memcpy(&bits, row + k, 4);
-        bits &= 0x7fffffffu;
-        top = bits > top ? bits : top;
-    }
-    float amax;
-    memcpy(&amax, &top, 4);
+    float amax = absmax(row, K);
     float step = (amax > (float)1e-8 ? amax : (float)1e-8) / 127.0f;
     for (int k = 0; k < K; k++) q[k] = convert((int8_t)nearbyintf(row[k] / step));
     return step;

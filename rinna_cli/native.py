@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c", "attend.c"))
+HEADERS = (Path(__file__).with_name("native.h"),)  # what the sources include: part of what a build is of
 
 
 class Unavailable(RuntimeError):
@@ -47,7 +48,7 @@ def compiler() -> str | None:
 
 def version() -> str:
     """A hash of the kernels' sources: a plan measured on other sources is measured again."""
-    return hashlib.sha256(b"".join(source.read_bytes() for source in SOURCES)).hexdigest()[:16]
+    return hashlib.sha256(b"".join(source.read_bytes() for source in (*SOURCES, *HEADERS))).hexdigest()[:16]
 
 
 def build(folder: Path, march: str = "native") -> Path:
@@ -64,7 +65,7 @@ def build(folder: Path, march: str = "native") -> Path:
         compiler_version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as err:
         raise Unavailable(f"{cc} does not run ({err})") from None
-    sources = [source.read_text(encoding="utf-8") for source in SOURCES]
+    sources = [source.read_text(encoding="utf-8") for source in (*SOURCES, *HEADERS)]
     identity = "\n".join([*sources, cc, compiler_version, march, *cpu_identity()])
     sources_hash = version()[:8]
     path = folder / f"native-{sources_hash}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}.so"

@@ -47,6 +47,11 @@ def test_the_key_names_cpu_torch_threads_scheme_and_the_kernels_sources(monkeypa
     newer.write_text(native.SOURCES[1].read_text() + "/* faster */\n")
     monkeypatch.setattr(native, "SOURCES", (native.SOURCES[0], newer))
     assert kernels.machine_key("int4") == {**key, "native": native.version()} != key  # a new kernel: plan again
+    shared = native.version()
+    header = tmp_path / "native.h"
+    header.write_text(native.HEADERS[0].read_text() + "/* faster */\n")
+    monkeypatch.setattr(native, "HEADERS", (header,))
+    assert native.version() != shared  # what the sources include counts too
 
 
 def test_the_probe_keeps_only_kernels_that_ran_and_were_right():
