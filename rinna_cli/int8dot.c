@@ -251,11 +251,11 @@ int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float 
         int lo = (int)((long)blocks * t / nt), hi = (int)((long)blocks * (t + 1) / nt);
         int first = lo * NB, last = t == nt - 1 ? N : hi * NB;
 #ifdef TM
-        if (M > MAXM) failed = prompt(converted, w, sums, M, N, K, first, last);
-        for (int m0 = 0; m0 < M && M <= MAXM; m0 += MAXM) {
-#else
-        for (int m0 = 0; m0 < M; m0 += MAXM) {
+        if (M > MAXM) /* a prompt: prompt() takes every row */
+            failed = prompt(converted, w, sums, M, N, K, first, last);
+        else
 #endif
+        for (int m0 = 0; m0 < M; m0 += MAXM) {
             int m = M - m0 < MAXM ? M - m0 : MAXM;
             const xtype *x = converted + (size_t)m0 * K;
             int32_t *part = sums + (size_t)m0 * N;
