@@ -89,9 +89,10 @@ def quantize_weight(weight: torch.Tensor, group: int) -> dict[str, torch.Tensor]
     return {"weight": codes, "scales_zeros": panel_pairs(pairs)}
 
 
-def _int4dot(module: Int4Linear, rows: torch.Tensor) -> torch.Tensor:
-    """rinna-cli's own int4 kernel on the codes as stored (int8 activations per group, :mod:`rinna_cli.native`)."""
-    return native.library().int4dot(rows, module.weight, module.scales_zeros)
+def _int4dot(module: Int4Linear, rows: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """rinna-cli's own int4 kernel on the codes as stored (int8 activations per group, :mod:`rinna_cli.native`), its
+    output finished (``FINISHING``)."""
+    return native.library().int4dot(rows, module.weight, module.scales_zeros, dtype, bias)
 
 
 def _int4pack(dtype: torch.dtype):
@@ -115,6 +116,7 @@ class Int4Linear(QuantLinear):
         "int4pack_f32": _int4pack(torch.float32),
     }
     SAME_ROWS = frozenset({"int4dot"})  # a row's bits whatever the rows multiplied with it
+    FINISHING = frozenset({"int4dot"})
     decode = batch = prefill = "int4pack"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, group_size: int = GROUP_SIZE):

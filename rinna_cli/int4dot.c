@@ -8,6 +8,9 @@
  * inputs (64, 128 or 256) share a scale: group g of panel p has 16 scales then 16 zeros in bfloat16 at
  * sz + 32 * (p * G + g); a code dequantizes to (code - 8) * scale + zero.
  *
+ * The rows come in float32 or bfloat16, and the outputs leave in either with the layer's bias added (native.h's
+ * finish(), as int8dot.c's).
+ *
  * Each row of x is quantized to int8 per group (step = max|x| / 127 of the group,
  * q = round-half-even(x / step)), as llama.cpp quantizes activations for its Q4_0 dot
  * products; then per group the exact int32 sum D = sum(code * q) (codes are unsigned, so
@@ -34,13 +37,6 @@
 
 #define PANEL 16
 #define CHUNK 64 /* bytes of a panel per 8 inputs */
-
-static inline float bf16(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 static inline int32_t four(const int8_t *q) {
     int32_t v;
@@ -208,7 +204,7 @@ static inline void micro(const int8_t *q, const float *st, const float *tt, cons
                     uint8_t v = codes[(size_t)c * CHUNK + 4 * l + b];
                     d += (v & 15) * q[8 * c + b] + (v >> 4) * q[8 * c + 4 + b];
                 }
-            float scale = bf16(sz[(size_t)g * 32 + l]), zero = bf16(sz[(size_t)g * 32 + 16 + l]);
+            float scale = from_bf16(sz[(size_t)g * 32 + l]), zero = from_bf16(sz[(size_t)g * 32 + 16 + l]);
             acc = fmaf((float)d, scale * st[g], acc);
             shifted = fmaf(zero - 8.0f * scale, tt[g], shifted);
         }
@@ -262,31 +258,46 @@ static void panels(const int8_t *q, const float *steps, const float *totals, con
 }
 
 /* out (M x N) = rows (M x K) times the dequantized weights transposed, in groups of qg inputs (64, 128 or
- * 256; K a multiple of it, N of 16). 0 on success. */
-int rinna_int4dot(const float *rows, const uint8_t *w, const uint16_t *sz, float *out, int M, int N, int K,
-                  int qg, int threads) {
+ * 256; K a multiple of it, N of 16), plus the bias (NULL for none); rows in float32 or bfloat16 (rows_bf16), out and
+ * the bias in float32 or bfloat16 (out_bf16), finished as native.h's finish() says. 0 on success. */
+int rinna_int4dot(const void *rows, int rows_bf16, const uint8_t *w, const uint16_t *sz, const void *bias, void *out,
+                  int out_bf16, int M, int N, int K, int qg, int threads) {
     if (M <= 0 || N <= 0) return 0;
     if (qg % 64 || qg < 64 || qg > 256 || K % qg || N % PANEL) return 2;
     const int G = K / qg, P = N / PANEL, units = P / NR + P % NR; /* NR panels a unit, single panels at the end */
+    const int full = P / NR;
     int8_t *q = malloc((size_t)M * K);
     float *steps = malloc(sizeof(float) * (size_t)M * G), *totals = malloc(sizeof(float) * (size_t)M * G);
-    int failed = !q || !steps || !totals;
+    float *widened = rows_bf16 ? malloc(sizeof(float) * (size_t)K * threads) : NULL;
+    const int direct = !out_bf16 && !bias; /* the sums are the outputs */
+    float *sums = direct ? (float *)out : malloc(sizeof(float) * (size_t)M * N);
+    int failed = !q || !steps || !totals || (rows_bf16 && !widened) || !sums;
     if (!failed) {
 #pragma omp parallel for num_threads(threads) if (M > 1)
-        for (int i = 0; i < M; i++)
-            quantize(rows + (size_t)i * K, q + (size_t)i * K, steps + (size_t)i * G, totals + (size_t)i * G, K, qg);
+        for (int i = 0; i < M; i++) {
+            float *scratch = rows_bf16 ? widened + (size_t)omp_get_thread_num() * K : NULL;
+            quantize(row_floats(rows, rows_bf16, i, K, scratch), q + (size_t)i * K, steps + (size_t)i * G,
+                     totals + (size_t)i * G, K, qg);
+        }
 #pragma omp parallel num_threads(threads)
         {
             int t = omp_get_thread_num(), nt = omp_get_num_threads();
             int lo = (int)((long)units * t / nt), hi = (int)((long)units * (t + 1) / nt);
+#define FIRST(u) ((u) < full ? (u) * NR : full * NR + ((u) - full)) /* unit u's first panel */
             for (int u = lo; u < hi; u++) {
-                int full = P / NR, p0 = u < full ? u * NR : full * NR + (u - full), np = u < full ? NR : 1;
-                panels(q, steps, totals, w + (size_t)p0 * K * 8, sz, out, M, N, K, qg, p0, np);
+                int p0 = FIRST(u), np = u < full ? NR : 1;
+                panels(q, steps, totals, w + (size_t)p0 * K * 8, sz, sums, M, N, K, qg, p0, np);
             }
+            int n0 = PANEL * FIRST(lo), n1 = PANEL * FIRST(hi); /* this thread's outputs */
+#undef FIRST
+            for (int i = 0; !direct && i < M && n1 > n0; i++)
+                finish(sums + (size_t)i * N + n0, out, out_bf16, bias, i, N, n0, n1);
         }
     }
     free(q);
     free(steps);
     free(totals);
+    free(widened);
+    if (!direct) free(sums);
     return failed;
 }

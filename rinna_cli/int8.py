@@ -62,13 +62,17 @@ class QuantLinear(nn.Module):
     Subclasses list their kernels in ``KERNELS`` (name -> function of the module and a
     2-D input), those never worth running for one row in ``PREFILL_ONLY``, and in
     ``SAME_ROWS`` those whose every output row is exactly the same whichever of them runs
-    (so a sequence decoding alone and in a batch gets the same reply); a kernel returns
-    any float dtype, the output is cast to ``activation``.
+    (so a sequence decoding alone and in a batch gets the same reply). A kernel returns
+    any float dtype, which :meth:`output` casts to the activation dtype before adding the
+    bias; one in ``FINISHING`` is also given ``dtype`` and ``bias`` and returns that
+    finished output itself, with the same bits (rinna-cli's own, which save a decode step
+    two torch operations a layer).
     """
 
-    KERNELS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {}
+    KERNELS: dict[str, Callable[..., torch.Tensor]] = {}
     PREFILL_ONLY: frozenset[str] = frozenset()
     SAME_ROWS: frozenset[str] = frozenset()
+    FINISHING: frozenset[str] = frozenset()
     decode = batch = prefill = ""
     activation = ACTIVATION_DTYPE
 
@@ -100,10 +104,15 @@ class QuantLinear(nn.Module):
         rows = x.reshape(-1, self.in_features)
         count = rows.shape[0]
         kernel = self.decode if count == 1 else self.batch if count <= DECODE_ROWS else self.prefill
-        y = self.KERNELS[kernel](self, rows).to(self.activation)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return self.output(kernel, rows, self.activation).reshape(*x.shape[:-1], self.out_features)
+
+    def output(self, kernel: str, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``rows`` (m, in) times the weights by ``kernel``, in ``dtype``, plus the bias: ``y.to(dtype) + bias``."""
+        bias = self.bias if self.bias is None or self.bias.dtype == dtype else self.bias.to(dtype)
+        if kernel in self.FINISHING:
+            return self.KERNELS[kernel](self, rows, dtype=dtype, bias=bias)
+        y = self.KERNELS[kernel](self, rows).to(dtype)
+        return y if bias is None else y + bias
 
     def rowwise(self) -> bool:
         """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or all in SAME_ROWS)."""
@@ -128,9 +137,9 @@ def _int_mm(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
     return int_mm(rows, module.weight, module.scale)
 
 
-def _int8dot(module: Int8Linear, rows: torch.Tensor) -> torch.Tensor:
-    """:func:`int_mm`, bit for bit, in rinna-cli's own few-row kernel (:mod:`rinna_cli.native`)."""
-    return native.library().int8dot(rows, module.weight, module.scale)
+def _int8dot(module: Int8Linear, rows: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`int_mm` finished (``FINISHING``), bit for bit, in rinna-cli's own kernel (:mod:`rinna_cli.native`)."""
+    return native.library().int8dot(rows, module.weight, module.scale, dtype, bias)
 
 
 def _int8pack(dtype: torch.dtype):
@@ -163,6 +172,7 @@ class Int8Linear(QuantLinear):
     }
     PREFILL_ONLY = frozenset({"dequant"})  # dequantizing a whole matrix per call never pays for one row
     SAME_ROWS = frozenset({"int_mm", "int8dot"})
+    FINISHING = frozenset({"int8dot"})
     # Until a plan is applied: the kernels that were fastest on the first CPU class measured (Zen 3).
     decode = batch = prefill = "int_mm"
 

@@ -4,6 +4,9 @@
  * Every float operation is one IEEE operation in torch's order (no -ffast-math), so the
  * results are equal, not close.
  *
+ * The rows come in float32 or bfloat16 (widened exactly), and the outputs leave in either with the layer's bias
+ * added, rounded as torch rounds them (native.h's finish()), so that a layer's output needs no torch operation after.
+ *
  * For the few rows of a batched decode step (rinna_cli/native.py says why): each weight
  * row is read from memory once for all the rows (up to MAXM at a time), one or two output
  * channels at a time (NB), the weights ahead prefetched; the inputs are cut into spans whose
@@ -228,23 +231,25 @@ static int prompt(const xtype *x, const int8_t *w, int32_t *sums, int M, int N, 
 }
 #endif
 
-/* out (M x N) = rows (M x K) times the dequantized w (N x K) transposed, as above; row-major and contiguous.
- * 0 on success. */
-int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float *out, int M, int N, int K,
-                  int threads) {
+/* out (M x N) = rows (M x K) times the dequantized w (N x K) transposed, as above, plus the bias (NULL for none);
+ * rows in float32 or bfloat16 (rows_bf16), out and the bias in float32 or bfloat16 (out_bf16), finished as
+ * native.h's finish() says; row-major and contiguous. 0 on success. */
+int rinna_int8dot(const void *rows, int rows_bf16, const int8_t *w, const float *scale, const void *bias, void *out,
+                  int out_bf16, int M, int N, int K, int threads) {
     if (M <= 0 || N <= 0) return 0;
     xtype *converted = malloc(sizeof(xtype) * (size_t)M * K);
     float *steps = malloc(sizeof(float) * (size_t)M);
     int32_t *sums = calloc((size_t)M * N, sizeof(int32_t));
-    if (!converted || !steps || !sums) {
-        free(converted);
-        free(steps);
-        free(sums);
-        return 1;
-    }
+    float *widened = rows_bf16 ? malloc(sizeof(float) * (size_t)K * threads) : NULL;
+    int failed = !converted || !steps || !sums || (rows_bf16 && !widened);
+    if (failed) goto done;
 #pragma omp parallel for num_threads(threads) if (M > 1)
-    for (int i = 0; i < M; i++) steps[i] = quantize(rows + (size_t)i * K, converted + (size_t)i * K, K);
-    int blocks = N / NB, failed = 0;
+    for (int i = 0; i < M; i++) {
+        float *scratch = rows_bf16 ? widened + (size_t)omp_get_thread_num() * K : NULL;
+        const float *row = row_floats(rows, rows_bf16, i, K, scratch);
+        steps[i] = quantize(row, converted + (size_t)i * K, K);
+    }
+    int blocks = N / NB;
 #pragma omp parallel num_threads(threads) reduction(| : failed)
     {
         int t = omp_get_thread_num(), nt = omp_get_num_threads();
@@ -269,14 +274,21 @@ int rinna_int8dot(const float *rows, const int8_t *w, const float *scale, float 
                 for (int n = blocks * NB; n < N; n++)
                     for (int i = 0; i < m; i++) part[(size_t)i * N + n] = single(x + (size_t)i * K, w + (size_t)n * K, 0, K);
         }
-        for (int i = 0; i < M; i++)
+        float *values = failed || last <= first ? NULL : malloc(sizeof(float) * (size_t)(last - first)); /* a row's */
+        failed |= last > first && !values;
+        for (int i = 0; values && i < M; i++) {
             for (int n = first; n < last; n++) {
                 float scaled = (float)sums[(size_t)i * N + n] * steps[i]; /* torch: summed * step * scale */
-                out[(size_t)i * N + n] = scaled * scale[n];
+                values[n - first] = scaled * scale[n];
             }
+            finish(values, out, out_bf16, bias, i, N, first, last);
+        }
+        free(values);
     }
+done:
     free(converted);
     free(steps);
     free(sums);
+    free(widened);
     return failed;
 }

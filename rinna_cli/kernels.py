@@ -275,14 +275,13 @@ def _linear_pass(modules: list[QuantLinear], kernel: str, rows: int, dtype: torc
     for module in sample:  # torch's int4 layout, made once (0.1 s a matrix) and not timed
         module.prepare((kernel,))
     inputs = {m.in_features: torch.randn(rows, m.in_features).to(dtype) for m in sample}
-    function = type(sample[0]).KERNELS[kernel]
 
     def run(limit: float) -> dict:
         times: dict = {}
         started = time.perf_counter()
         for module in sample:
             began = time.perf_counter()
-            function(module, inputs[module.in_features]).to(dtype)
+            module.output(kernel, inputs[module.in_features], dtype)
             shape = (module.out_features, module.in_features)
             times[shape] = min(times.get(shape, float("inf")), time.perf_counter() - began)
             if time.perf_counter() - started > limit:

@@ -11,7 +11,9 @@ on which of the two multiplied it), and ``int4dot`` for rinna-cli's int4 layout
 (:mod:`rinna_cli.int4`). Both read each weight row once for up to eight rows, and take a
 prompt's rows against weights kept in the CPU's caches (compute-bound: faster than oneDNN's
 int8 GEMM on the Zen 4 of 2026-12-04 with AVX-512 VNNI); ``attend`` is a
-decode step's attention, one query per head over the KV cache (:mod:`rinna_cli.attention`). They are
+decode step's attention, one query per head over the KV cache (:mod:`rinna_cli.attention`). The two matrix
+kernels read float32 or bfloat16 rows and write either with the layer's bias added, with the bits of torch's
+``y.to(dtype) + bias`` (``QuantLinear.FINISHING``): a layer is one call, not three. They are
 built with the C compiler (``$CC`` or ``cc``) for this CPU (``-march=native``: AVX-512
 VNNI, AVX2 or plain C) into the cache folder, once per source, compiler and CPU; no
 compiler means no such kernels, and the planner (:mod:`rinna_cli.kernels`) measures them
@@ -35,6 +37,7 @@ import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c", "attend.c"))
 HEADERS = (Path(__file__).with_name("native.h"),)  # what the sources include: part of what a build is of
+FINISHED = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels read and write, and their flag
 
 
 class Unavailable(RuntimeError):
@@ -113,8 +116,12 @@ class Library:
 
     def __init__(self, path: Path):
         self._lib = ctypes.CDLL(str(path))
-        self._lib.rinna_int8dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 4
-        self._lib.rinna_int4dot.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5
+        # rows, their dtype; the weights and their scales; bias, out, their dtype; the sizes and the threads
+        finished: list[type[ctypes.c_void_p] | type[ctypes.c_int]] = [
+            ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int
+        ]  # fmt: skip
+        self._lib.rinna_int8dot.argtypes = finished + [ctypes.c_int] * 4
+        self._lib.rinna_int4dot.argtypes = finished + [ctypes.c_int] * 5
         self._lib.rinna_attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_long] * 5 + [
             ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
         for function in (self._lib.rinna_int8dot, self._lib.rinna_int4dot, self._lib.rinna_attend):
@@ -125,17 +132,33 @@ class Library:
             describe.restype = ctypes.c_char_p
             self.paths[name] = describe().decode()
 
-    def int8dot(self, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``int8.int_mm(rows, weight, scale)``: rows (m, in) by int8 ``weight`` (out, in) and its float32 scale."""
+    def int8dot(
+        self,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``int8.int_mm(rows, weight, scale).to(dtype) + bias``, bit for bit: rows (m, in) by int8 ``weight``
+        (out, in) and its float32 scale, in ``dtype`` (float32 or bfloat16, as the bias)."""
         if weight.dtype != torch.int8 or scale.dtype != torch.float32 or rows.shape[1] != weight.shape[1]:
             raise ValueError(f"int8dot takes int8 weights and float32 scales, not {weight.dtype} {tuple(weight.shape)}")
         if scale.shape != (weight.shape[0],):
             raise ValueError(f"int8dot takes one scale per output, not {tuple(scale.shape)}")
-        return self._call(self._lib.rinna_int8dot, rows, weight, scale, weight.shape[1])
+        return self._call(self._lib.rinna_int8dot, rows, weight, scale, dtype, bias, weight.shape[1])
 
-    def int4dot(self, rows: torch.Tensor, codes: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-        """rows (m, in) by int4 weights in :mod:`rinna_cli.int4`'s layout: ``codes`` (out, in / 2) uint8 and
-        ``scales_zeros`` (out / 16, groups, 2, 16) bfloat16, groups of 64, 128 or 256 inputs, out a multiple of 16."""
+    def int4dot(
+        self,
+        rows: torch.Tensor,
+        codes: torch.Tensor,
+        scales_zeros: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """rows (m, in) by int4 weights in :mod:`rinna_cli.int4`'s layout, in ``dtype`` (float32 or bfloat16, as the
+        bias), the bias added: ``codes`` (out, in / 2) uint8 and ``scales_zeros`` (out / 16, groups, 2, 16)
+        bfloat16, groups of 64, 128 or 256 inputs, out a multiple of 16."""
         out_features, in_features = codes.shape[0], codes.shape[1] * 2
         groups = scales_zeros.shape[1] if scales_zeros.dim() == 4 else 0
         group = in_features // groups if groups else 0
@@ -153,7 +176,7 @@ class Library:
             raise ValueError(
                 f"int4dot takes bfloat16 scales per group of 64, 128 or 256, not {tuple(scales_zeros.shape)}"
             )
-        return self._call(self._lib.rinna_int4dot, rows, codes, scales_zeros, in_features, group)
+        return self._call(self._lib.rinna_int4dot, rows, codes, scales_zeros, dtype, bias, in_features, group)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
         """``softmax(scale * query @ key.T) @ value`` for what :func:`attendable` accepts; the result
@@ -178,12 +201,32 @@ class Library:
         return out
 
     @staticmethod
-    def _call(function, rows: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, *sizes: int) -> torch.Tensor:
-        rows, weight, scale = rows.float().contiguous(), weight.contiguous(), scale.contiguous()
+    def _call(
+        function,
+        rows: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor,
+        dtype: torch.dtype,
+        bias: torch.Tensor | None,
+        *sizes: int,
+    ) -> torch.Tensor:
+        """The kernel's finished output: rows in float32 or bfloat16 as they are (any other dtype made float32),
+        the result in ``dtype`` with ``bias`` (one per output, in ``dtype``) added."""
         m, n = rows.shape[0], weight.shape[0]
-        out = torch.empty(m, n, dtype=torch.float32)
-        failed = function(rows.data_ptr(), weight.data_ptr(), scale.data_ptr(), out.data_ptr(), m, n, *sizes,
-                          torch.get_num_threads())  # fmt: skip
+        if dtype not in FINISHED or (bias is not None and (bias.dtype != dtype or bias.shape != (n,))):
+            raise ValueError(
+                f"the kernels finish float32 or bfloat16 outputs with a bias of one {dtype} per output, not {dtype}"
+                + ("" if bias is None else f" with a {bias.dtype} bias of {tuple(bias.shape)}")
+            )
+        rows = (rows if rows.dtype in FINISHED else rows.float()).contiguous()
+        weight, scale = weight.contiguous(), scale.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        out = torch.empty(m, n, dtype=dtype)
+        failed = function(
+            rows.data_ptr(), FINISHED[rows.dtype], weight.data_ptr(), scale.data_ptr(),
+            None if bias is None else bias.data_ptr(), out.data_ptr(), FINISHED[dtype], m, n, *sizes,
+            torch.get_num_threads(),
+        )  # fmt: skip
         if failed:
             raise MemoryError("the native kernel could not allocate its rows")
         return out

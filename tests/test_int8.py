@@ -72,7 +72,8 @@ def test_one_row_a_few_rows_and_a_prompt_take_their_own_kernels(memorized_model,
     layer = model.gpt_neox.layers[0].attention.dense
     for name in ("int8pack", "int8dot", "int_mm"):
         function = int8.Int8Linear.KERNELS[name]
-        layer.KERNELS = {**layer.KERNELS, name: lambda m, x, f=function, n=name: seen.append((n, x.shape[0])) or f(m, x)}
+        layer.KERNELS = {**layer.KERNELS,
+                         name: lambda m, x, f=function, n=name, **finish: seen.append((n, x.shape[0])) or f(m, x, **finish)}  # fmt: skip
     replies(model, tok)
     layer(torch.randn(1, int8.DECODE_ROWS, layer.in_features, dtype=torch.bfloat16))
     layer(torch.randn(2, layer.in_features, dtype=torch.bfloat16))
@@ -81,15 +82,19 @@ def test_one_row_a_few_rows_and_a_prompt_take_their_own_kernels(memorized_model,
     assert {n for n, rows in seen if rows > int8.DECODE_ROWS} == {"int_mm"}
 
 
-def test_kernels_listed_as_giving_the_same_rows_do():
+@pytest.mark.parametrize("activation", [torch.float32, torch.bfloat16])
+def test_kernels_listed_as_giving_the_same_rows_do(activation):
+    """int8dot finishes its output itself (FINISHING): the bits of int_mm's cast and added to by torch."""
     torch.manual_seed(2)
     module = int8.Int8Linear.quantize(torch.nn.Linear(2816, 1000))
-    x = torch.randn(int8.DECODE_ROWS, 2816)
+    module.activation, module.bias.data = activation, module.bias.data.to(activation)
+    x = torch.randn(int8.DECODE_ROWS, 2816).to(activation)
     outputs = []
     for kernel in sorted(int8.Int8Linear.SAME_ROWS):
         module.decode = module.batch = module.prefill = kernel
         outputs.append(torch.cat([module(x), module(x[:1]), module(torch.cat([x] * 3))[:1]]))
     assert len(outputs) == 2 and all(torch.equal(outputs[0], other) for other in outputs[1:])
+    assert outputs[0].dtype == activation
     assert torch.equal(outputs[0][: int8.DECODE_ROWS][:1], outputs[0][int8.DECODE_ROWS : int8.DECODE_ROWS + 1])
     module.decode, module.batch, module.prefill = "int_mm", "int8dot", "int_mm"
     assert module.rowwise()

@@ -94,6 +94,41 @@ def test_int4dot_on_every_path_is_the_int4_product_and_each_row_as_if_alone(path
         assert library.int4dot(torch.full((rows, 512), -1.0), most, pairs).tolist() == [[-(15 - 8) * 512.0] * 16] * rows
 
 
+def test_every_path_finishes_a_layer_as_torch_does(path):
+    """bfloat16 or float32 rows in, the output in either with the bias added: the bits of the float32 output cast
+    and the bias added by torch (``y.to(dtype) + bias``), ties and NaN included, for int8dot and int4dot."""
+    march, library = path
+    torch.manual_seed(5)
+    w, scale = int8.quantize_weight(torch.randn(40, 2816))
+    codes = torch.randint(0, 16, (48, 512))
+    packed = int4.pack(codes)
+    panels = int4.panel_pairs((torch.randn(48, 4, 2) * 0.05).to(torch.bfloat16))
+    kernels_ = {
+        "int8dot": (lambda x, *finish: library.int8dot(x, w, scale, *finish), 40, 2816),
+        "int4dot": (lambda x, *finish: library.int4dot(x, packed, panels, *finish), 48, 512),
+    }
+    for name, (multiply, out_features, in_features) in kernels_.items():
+        for rows in (1, 3, 9, 48):
+            x = torch.randn(rows, in_features) * torch.logspace(-3, 2, rows)[:, None]
+            for rows_dtype in (torch.float32, torch.bfloat16):
+                plain = multiply(x.to(rows_dtype))  # float32, no bias
+                assert torch.equal(plain, multiply(x.to(rows_dtype).float())), (march, name, rows)  # widened exactly
+                for dtype in (torch.float32, torch.bfloat16):
+                    bias = torch.randn(out_features).to(dtype)
+                    bias[:3] = torch.tensor([float("nan"), 0.0, -0.0])
+                    got = multiply(x.to(rows_dtype), dtype, bias)
+                    assert got.dtype == dtype and got.shape == (rows, out_features)
+                    assert torch.equal(got[:, 1:], (plain.to(dtype) + bias)[:, 1:]), (march, name, rows, dtype)
+                    assert got[:, 0].isnan().all()
+                    assert torch.equal(multiply(x.to(rows_dtype), dtype), plain.to(dtype)), (march, name, rows)
+    # outputs of 1.0 plus biases halfway between two bfloat16 values: to even, as torch rounds
+    ones, eye = torch.ones(1, 3), torch.eye(3, dtype=torch.int8)
+    assert library.int8dot(ones, eye, torch.ones(3)).tolist() == [[1.0] * 3]
+    halfway = torch.tensor([2**-8, 3 * 2**-8, -(2**-9)], dtype=torch.bfloat16)
+    got = library.int8dot(ones, eye, torch.ones(3), torch.bfloat16, halfway)
+    assert got.tolist() == (torch.ones(1, 3, dtype=torch.bfloat16) + halfway).tolist() == [[1.0, 1.015625, 1.0]]
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """softmax(scale q k^T) v in float64."""
     scores = (q.double() @ k.double().transpose(-1, -2)) * scale
@@ -157,6 +192,12 @@ def test_wrong_operands_are_refused_and_no_rows_are_none(built):
         library.int8dot(torch.zeros(2, 32), weight, torch.ones(8))
     with pytest.raises(ValueError, match="one scale per output"):
         library.int8dot(torch.zeros(2, 64), weight, torch.ones(4))
+    with pytest.raises(ValueError, match="finish float32 or bfloat16 outputs"):
+        library.int8dot(torch.zeros(2, 64), weight, torch.ones(8), torch.float16)
+    with pytest.raises(ValueError, match="with a torch.float32 bias of \\(8,\\)"):
+        library.int8dot(torch.zeros(2, 64), weight, torch.ones(8), torch.bfloat16, torch.zeros(8))
+    with pytest.raises(ValueError, match="with a torch.float32 bias of \\(4,\\)"):
+        library.int8dot(torch.zeros(2, 64), weight, torch.ones(8), torch.float32, torch.zeros(4))
     codes, pairs = torch.zeros(16, 64, dtype=torch.uint8), torch.zeros(1, 1, 2, 16, dtype=torch.bfloat16)
     assert library.int4dot(torch.zeros(0, 128), codes, pairs).shape == (0, 16)
     with pytest.raises(ValueError, match="int4dot takes uint8 codes"):
