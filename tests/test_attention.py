@@ -56,3 +56,59 @@ def test_everything_else_is_sdpas_exactly(calls, case):
         torch.manual_seed(7)
         want, _ = sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=0.3)
     assert calls == [] and torch.equal(got, want)
+
+
+def _tiny_model(dtype: torch.dtype):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(8)
+    config = GPTNeoXConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+                           intermediate_size=256, use_parallel_residual=False, max_position_embeddings=64)  # fmt: skip
+    return GPTNeoXForCausalLM(config).to(dtype).eval()
+
+
+def _decode(model, prompt: list[list[int]], steps: int) -> torch.Tensor:
+    """The logits of a prompt and of ``steps`` greedy decode steps after it, through the engine's growing cache."""
+    from rinna_cli.engine import _GrowingCache
+
+    cache, logits = _GrowingCache(), []
+    with torch.inference_mode():
+        out = model(input_ids=torch.tensor(prompt), cache=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+        for _ in range(steps):
+            out = model(input_ids=logits[-1].argmax(-1, keepdim=True), cache=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_layer_gives_the_bits_of_transformers_layer(calls, dtype):
+    """A decode step of one sequence takes DecodeLayer's few operations (the kernel once a layer), with the very
+    logits of transformers' GPTNeoXLayer; a prompt, and two sequences at a time, are transformers' own."""
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+    model = _tiny_model(dtype)
+    attention.use(model, "attend")
+    assert all(type(layer) is attention.DecodeLayer for layer in model.gpt_neox.layers)
+    lean = _decode(model, [[5, 17, 3, 42, 8]], 6)
+    assert len(calls) == 6 * 2  # each decode step, each layer
+    for layer in model.gpt_neox.layers:
+        layer.__class__ = GPTNeoXLayer
+    calls.clear()
+    plain = _decode(model, [[5, 17, 3, 42, 8]], 6)
+    assert len(calls) == 6 * 2  # rinna-cli's kernel through transformers' attention interface
+    assert torch.equal(lean, plain)
+    attention.use(model, "attend")
+    calls.clear()
+    pair = _decode(model, [[5, 17, 3], [9, 1, 4]], 2)  # two rows a step: transformers' path, SDPA
+    assert calls == [] and pair.shape == (3, 2, 100)
+
+
+def test_sdpa_puts_transformers_layers_back():
+    from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
+
+    model = _tiny_model(torch.float32)
+    attention.use(model, "attend")
+    attention.use(model, "sdpa")
+    assert attention.chosen(model.config) == "sdpa"
+    assert all(type(layer) is GPTNeoXLayer for layer in model.gpt_neox.layers)
