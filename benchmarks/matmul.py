@@ -28,11 +28,11 @@ def main(out_features: int, in_features: int) -> None:
     int8 = [Int8Linear.quantize(linear) for linear in linears]
     int4 = [Int4Linear.quantize(linear) for linear in linears]
     dense = [linear.weight.detach().to(torch.bfloat16) for linear in linears]
-    chosen = ("int_mm", "int8dot", "int8pack")
-    candidates = {name: (kernel, int8) for name, kernel in Int8Linear.KERNELS.items() if name in chosen}
-    candidates |= {
-        name: (kernel, int4) for name, kernel in Int4Linear.KERNELS.items() if name in ("int4dot", "int4pack")
-    }
+    def by(name: str):  # the layer's output by that kernel, as a model runs it (float32 in and out)
+        return lambda module, x: module.output(name, x, torch.float32)
+
+    candidates = {name: (by(name), int8) for name in ("int_mm", "int8dot", "int8pack")}
+    candidates |= {name: (by(name), int4) for name in ("int4dot", "int4pack")}
     candidates["bf16 dense"] = (lambda weight, x: nn.functional.linear(x.to(torch.bfloat16), weight), dense)
 
     x = torch.randn(3, in_features)

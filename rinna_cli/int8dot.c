@@ -56,7 +56,12 @@ static inline __attribute__((always_inline)) void block(const xtype *x, const in
         __m512i wv[NB];
         for (int j = 0; j < NB; j++) {
             wv[j] = _mm512_maskz_loadu_epi8(mask, row[j] + k);
-            _mm_prefetch((const char *)(row[j] + k + 4096), _MM_HINT_T0);
+            /* 4 KB ahead of what this thread reads: on in this span of the row, else in the next block's (a
+             * span's end prefetching the row's next span, read a whole pass later, doubled the traffic: 2816 x
+             * 11264 at 8 rows in 3.2 ms against 1.0 on the Zen 5 of 2026-12-04) */
+            int ahead = k + 4096;
+            _mm_prefetch((const char *)(ahead < k1 ? row[j] + ahead : row[j] + (size_t)NB * K + k0 + (ahead - k1)),
+                         _MM_HINT_T0);
             sum[j] = _mm512_dpbusd_epi32(sum[j], ones, wv[j]);
         }
         for (int i = 0; i < m; i++) {
