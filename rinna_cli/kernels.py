@@ -49,6 +49,10 @@ ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 KINDS: dict[str, type[QuantLinear]] = {"int8": Int8Linear, "int4": Int4Linear}
 _SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU cache
 _HOPELESS = 10  # a kernel this many times slower than the fastest after the warm-up is not timed again
+# A decode kernel this much slower than the fastest still decodes for its kind if it is rinna-cli's own (the first of
+# _UNMEASURED): within the host's noise, and it multiplies a batch of 8 rows in about the time of one, where torch's
+# int4 kernel took 3.6 times as long (Zen 5 of 2026-12-04), and a batch takes the decode kernel or its kin.
+_TIE = 0.05
 # What a kind decodes with when the budget ran out before any of its kernels was timed: rinna-cli's own where they
 # run (the fastest measured on every CPU class but the AMX Xeon's int8), else torch's.
 _UNMEASURED = {"int8": ("int8dot", "int_mm"), "int4": ("int4dot", "int4pack")}
@@ -377,7 +381,8 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     """Time the working kernels on ``model``'s layers and return the fastest plan found within ``budget_s``.
 
     Decoding decides the activation dtype: the sum of each kind's fastest decode kernel
-    and the faster attention in that dtype (which the plan keeps). A batched step then takes the fastest at
+    (rinna-cli's own where it is within :data:`_TIE` of it) and the faster attention in that
+    dtype (which the plan keeps). A batched step then takes the fastest at
     :data:`BATCH_ROWS` rows of the kernels giving the decode kernel's very rows
     (``SAME_ROWS``; the decode kernel itself if it has no such kin), and prefill each
     kind's fastest at :data:`PREFILL_ROWS` rows in that dtype.
@@ -415,7 +420,9 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
                 k: v for k, v in decode.items() if k.startswith(f"decode {kind}/") and k.endswith(f" {activation}")
             }
             if timed:
-                picks[kind] = min(timed, key=timed.__getitem__)
+                quickest = min(timed, key=timed.__getitem__)
+                own = f"decode {kind}/{_UNMEASURED[kind][0]} {activation}"
+                picks[kind] = own if timed.get(own, float("inf")) <= (1 + _TIE) * timed[quickest] else quickest
         if len(picks) == len(kinds) and activation in attending:
             cost[activation] = attended[attending[activation]] + sum(decode[k] for k in picks.values())
             choice[activation] = {kind: label.split("/")[1].split(" ")[0] for kind, label in picks.items()}
