@@ -51,7 +51,7 @@ _SAMPLES = 2  # modules per shape timed for decoding: more than fits in a CPU ca
 _HOPELESS = 10  # a kernel this many times slower than the fastest after the warm-up is not timed again
 # A decode kernel this much slower than the fastest still decodes for its kind if it is rinna-cli's own (the first of
 # _UNMEASURED): within the host's noise, and it multiplies a batch of 8 rows in about the time of one, where torch's
-# int4 kernel took 3.6 times as long (Zen 5 of 2026-12-04), and a batch takes the decode kernel or its kin.
+# int4 kernel took 3.0-3.6 times as long (Zen 5 of 2026-12-04), and a batch takes the decode kernel or its kin.
 _TIE = 0.05
 # What a kind decodes with when the budget ran out before any of its kernels was timed: rinna-cli's own where they
 # run (the fastest measured on every CPU class but the AMX Xeon's int8), else torch's.
