@@ -6,7 +6,9 @@ transformers runs GPT-NeoX's attention through the function its config names
 step of one query row without a mask (a single sequence decoding, the case that
 repeats for every token) and hands everything else, prompts included, to
 transformers' SDPA path; :class:`rinna_cli.batched_forward.BatchedForward` calls the
-same kernel for each decoding sequence, so a reply is the same alone and batched.
+same kernel for each decoding sequence, so a reply is the same alone and batched. Where the plan picked
+rinna-cli's attention, :func:`use` also makes the model's layers :class:`DecodeLayer`, which runs that step of one
+sequence in a dozen operations (the rest of a layer's work is transformers').
 
 Imported only where a local model is loaded (torch, transformers).
 """
