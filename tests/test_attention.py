@@ -58,13 +58,23 @@ def test_everything_else_is_sdpas_exactly(calls, case):
     assert calls == [] and torch.equal(got, want)
 
 
-def _tiny_model(dtype: torch.dtype):
+def _tiny_model(dtype: torch.dtype, rotary_pct: float = 1.0):
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     torch.manual_seed(8)
     config = GPTNeoXConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
-                           intermediate_size=256, use_parallel_residual=False, max_position_embeddings=64)  # fmt: skip
+                           intermediate_size=256, use_parallel_residual=False, max_position_embeddings=64,
+                           rotary_pct=rotary_pct)  # fmt: skip
     return GPTNeoXForCausalLM(config).to(dtype).eval()
+
+
+@pytest.fixture()
+def rotations(monkeypatch) -> list:
+    """The shapes DecodeLayer rotated (its own path, not transformers')."""
+    seen: list = []
+    real = attention.rotate
+    monkeypatch.setattr(attention, "rotate", lambda pairs, cos, sin: seen.append(pairs.shape) or real(pairs, cos, sin))
+    return seen
 
 
 def _decode(model, prompt: list[list[int]], steps: int) -> torch.Tensor:
@@ -81,17 +91,20 @@ def _decode(model, prompt: list[list[int]], steps: int) -> torch.Tensor:
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_decode_layer_gives_the_bits_of_transformers_layer(calls, dtype):
+@pytest.mark.parametrize(("dtype", "rotary_pct"), [(torch.float32, 1.0), (torch.bfloat16, 1.0), (torch.float32, 0.25)])
+def test_a_decode_layer_gives_the_bits_of_transformers_layer(calls, rotations, dtype, rotary_pct):
     """A decode step of one sequence takes DecodeLayer's few operations (the kernel once a layer), with the very
-    logits of transformers' GPTNeoXLayer; a prompt, and two sequences at a time, are transformers' own."""
+    logits of transformers' GPTNeoXLayer; a prompt, two sequences at a time, and a model rotating part of each head
+    (not rinna's) are transformers' own."""
     from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXLayer
 
-    model = _tiny_model(dtype)
+    model = _tiny_model(dtype, rotary_pct)
     attention.use(model, "attend")
     assert all(type(layer) is attention.DecodeLayer for layer in model.gpt_neox.layers)
     lean = _decode(model, [[5, 17, 3, 42, 8]], 6)
     assert len(calls) == 6 * 2  # each decode step, each layer
+    assert rotations == ([(1, HEADS, 1, 2, 64 // HEADS)] * 6 * 2 if rotary_pct == 1.0 else [])
+    rotations.clear()
     for layer in model.gpt_neox.layers:
         layer.__class__ = GPTNeoXLayer
     calls.clear()
@@ -101,7 +114,7 @@ def test_a_decode_layer_gives_the_bits_of_transformers_layer(calls, dtype):
     attention.use(model, "attend")
     calls.clear()
     pair = _decode(model, [[5, 17, 3], [9, 1, 4]], 2)  # two rows a step: transformers' path, SDPA
-    assert calls == [] and pair.shape == (3, 2, 100)
+    assert calls == [] and rotations == [] and pair.shape == (3, 2, 100)
 
 
 def test_sdpa_puts_transformers_layers_back():
