@@ -16,20 +16,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-static inline float widen(const void *base, size_t i, int bf16) {
-    if (!bf16) return ((const float *)base)[i];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[i] << 16;
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
+#include "native.h"
 
-/* torch's float -> bfloat16: round to nearest even, every NaN 0x7FC0 */
-static inline uint16_t narrow(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return 0x7FC0;
-    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+static inline float widen(const void *base, size_t i, int bf16) {
+    return bf16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
 }
 
 /* q: head h at q + h * qs; out: (H, D) contiguous; every element in float32 or (bf16 != 0) bfloat16.
@@ -79,7 +69,7 @@ int rinna_attend(const void *q, const void *k, const void *v, void *out, int H, 
         for (int d = 0; d < D; d++) {
             float value = o[d] * inverse;
             if (bf16)
-                ((uint16_t *)out)[(size_t)h * D + d] = narrow(value);
+                ((uint16_t *)out)[(size_t)h * D + d] = to_bf16(value);
             else
                 ((float *)out)[(size_t)h * D + d] = value;
         }
