@@ -136,19 +136,27 @@ def ask(
     engine = env.open_engine(env, settings, tokenizer, window)
     view = ReplyView(env.stdout, env.stdout_isatty)
     stop = threading.Event()
+    gone = threading.Event()  # the reader of stdout went away: generating stops as at Ctrl-C, and that is success
     from rinna_cli.interrupt import sigint_sets
 
     def on_step(step: Step) -> None:
-        if not json_:
-            view.write(step.text)
+        if not json_ and not gone.is_set():
+            try:
+                view.write(step.text)
+            except BrokenPipeError:
+                gone.set()
+                stop.set()
 
     with sigint_sets(stop):
         reply = engine.generate(prompt_ids, sampling, on_step, stop)
-    interrupted = reply.finish_reason == "interrupted"
-    if json_:  # after Ctrl-C too: the partial reply, finish_reason "interrupted"
-        print(_json_line(reply, settings.model), file=env.stdout)
-    else:
-        view.end("interrupted" if interrupted else None)
-    if stats:
+    interrupted = reply.finish_reason == "interrupted" and not gone.is_set()
+    try:
+        if json_:  # after Ctrl-C too: the partial reply, finish_reason "interrupted"
+            print(_json_line(reply, settings.model), file=env.stdout)
+        elif not gone.is_set():
+            view.end("interrupted" if interrupted else None)
+    except BrokenPipeError:
+        gone.set()
+    if stats:  # on stderr, which is still there when stdout's reader has gone
         env.errors().print(stats_line(reply), markup=False, style="dim", soft_wrap=True)  # one line, any width
     return 130 if interrupted else 0

@@ -754,6 +754,8 @@ def test_closed_stdout_is_success(warm, model, extra):
     assert "Traceback" not in result.stderr.decode() and "Broken" not in result.stderr.decode()
     if not extra or extra == ("--json",):
         assert result.stderr == b""
+    else:  # the partial reply's: generating stopped when the reader went away
+        assert re.fullmatch(rb"\d+ tokens, prompt \d+ \(\d+ prefilled\), first token .* tokens/s.*\n", result.stderr), result.stderr
 
 
 def test_closed_stdout_show_prompt(env, no_weights):
