@@ -426,7 +426,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         if len(picks) == len(kinds) and activation in attending:
             cost[activation] = attended[attending[activation]] + sum(decode[k] for k in picks.values())
             choice[activation] = {kind: label.split("/")[1].split(" ")[0] for kind, label in picks.items()}
-    activation = min(cost, key=cost.__getitem__) if cost else "float32"
+    activation = min(cost, key=cost.__getitem__) if cost else _unmeasured_activation()
     dtype = ACTIVATIONS[activation]
 
     def promising(kind: str, name: str) -> bool:
@@ -479,7 +479,16 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **batch, **prefill}.items()}
     whole = activation in cost and all(any(k.startswith(f"prefill {kind}/") for k in prefill) for kind in prompted)
     seconds = round(time.perf_counter() - began, 3)
-    return Plan(kernels, activation, machine_key(scheme), timings, seconds, whole, attending.get(activation, "sdpa"))
+    unmeasured_attention = "attend" if "attend" in attentions else "sdpa"  # rinna-cli's, where it runs
+    attention = attending.get(activation, unmeasured_attention)
+    return Plan(kernels, activation, machine_key(scheme), timings, seconds, whole, attention)
+
+
+def _unmeasured_activation() -> str:
+    """The activation dtype when the budget ran out before one was measured (a busy moment; the plan is not saved):
+    bfloat16 where the CPU computes it natively (AVX512-BF16 or AMX, where it won on every CPU measured), else
+    float32."""
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(cpu_identity()[1].split()) else "float32"
 
 
 def cached_plan(path: Path, scheme: str) -> Plan | None:

@@ -204,14 +204,18 @@ def test_a_batched_step_never_races_a_kernel_far_slower_for_one_row(memorized_mo
     assert not any(label.startswith("batch int8/int_mm") for label in plan.timings_ms)
 
 
-def test_no_budget_left_means_the_defaults(memorized_model, tmp_path):
+@pytest.mark.parametrize(("flags", "activation"), [("avx2 fma", "float32"), ("avx512f avx512_bf16", "bfloat16"),
+                                                   ("avx512f amx_bf16 amx_tile", "bfloat16")])  # fmt: skip
+def test_no_budget_left_means_the_defaults(memorized_model, tmp_path, monkeypatch, flags, activation):
+    """rinna-cli's own kernels and attention where they run, bfloat16 where the CPU computes it natively."""
     model, _ = load(memorized_model, tmp_path)
-    plan = kernels.measure(model, "int8", None, budget_s=0.0)  # rinna-cli's own kernel where it runs
-    assert plan.describe() == "int8 decode int8dot, batch int8dot, prefill int8dot; float32, attention sdpa"
+    monkeypatch.setattr(kernels, "cpu_identity", lambda: ("a CPU", flags))
+    plan = kernels.measure(model, "int8", None, budget_s=0.0)
+    assert plan.describe() == f"int8 decode int8dot, batch int8dot, prefill int8dot; {activation}, attention attend"
     assert plan.timings_ms == {}
     assert not plan.whole  # not saved: measured again at the next start
     plan = kernels.measure(model, "int8", {"int8:int_mm", "int8:int8pack"}, budget_s=0.0)
-    assert plan.describe() == "int8 decode int_mm, batch int_mm, prefill int_mm; float32, attention sdpa"
+    assert plan.describe() == f"int8 decode int_mm, batch int_mm, prefill int_mm; {activation}, attention sdpa"
     assert kernels.measure(model, "int8", None, budget_s=ROOMY_S).whole
 
 
