@@ -389,10 +389,12 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     """
     began = time.perf_counter()
     kinds = kinds_of(model)
-    # the sampled layers read in first: from a cold page cache the first kernel timed would read them from the disk
-    # and take the budget (2 s of int4dot's warm-up after a bfloat16 run evicted them, on the Zen 3 of 2026-12-03)
+    # the sampled layers read in first, and the budget counted from then: from a cold page cache the first kernel
+    # timed would read them from the disk and take the budget (2 s of int4dot's warm-up after a bfloat16 run evicted
+    # them, on the Zen 3 of 2026-12-03); their pages serve the first reply all the same
     sampled = [m for modules in kinds.values() for m in _samples(modules, _SAMPLES)[0]]
     mapped.fetch_ahead([p for m in sampled for n, p in m.named_parameters() if n != "bias"]).join()
+    timing = time.perf_counter()
     names = {
         kind: [n for n in KINDS[kind].KERNELS if working is None or f"{kind}:{n}" in working] or [KINDS[kind].decode]
         for kind in kinds
@@ -408,7 +410,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
                     decode_runs[f"decode {kind}/{name} {activation}"] = _linear_pass(
                         modules, name, DECODE_ROWS, dtype, _SAMPLES
                     )
-    decode = _race(decode_runs, began + budget_s * 0.55)
+    decode = _race(decode_runs, timing + budget_s * 0.55)
     cost, choice, attending = {}, {}, {}
     for activation in ACTIVATIONS:
         attended = {k.split("/")[1]: v for k, v in decode.items() if k.startswith(f"attention {activation}/")}
@@ -461,7 +463,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         if len(kin[kind]) > 1
         for name in kin[kind]
     }
-    batch = _race(batch_runs, began + budget_s * 0.7)
+    batch = _race(batch_runs, timing + budget_s * 0.7)
     prompted = [kind for kind in kinds if not (kind == "int8" and "int4" in kinds)]  # an int4 model's int8 layer is
     prefill_runs = {  # the output head, which multiplies one row
         f"prefill {kind}/{name} {activation}": _linear_pass(kinds[kind], name, PREFILL_ROWS, dtype, 1)
@@ -469,7 +471,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
         for name in sorted(names[kind], key=lambda n: (n != fast[kind], n in KINDS[kind].PREFILL_ONLY))
         if promising(kind, name)
     }
-    prefill = _race(prefill_runs, began + budget_s)
+    prefill = _race(prefill_runs, timing + budget_s)
 
     def fastest(timings: dict[str, float], phase: str, kind: str) -> str:
         timed = {k: v for k, v in timings.items() if k.startswith(f"{phase} {kind}/")}
