@@ -269,8 +269,8 @@ int rinna_int4dot(const void *rows, int rows_bf16, const uint8_t *w, const uint1
     int8_t *q = malloc((size_t)M * K);
     float *steps = malloc(sizeof(float) * (size_t)M * G), *totals = malloc(sizeof(float) * (size_t)M * G);
     float *widened = rows_bf16 ? malloc(sizeof(float) * (size_t)K * threads) : NULL;
-    const int direct = !out_bf16 && !bias; /* the sums are the outputs */
-    float *sums = direct ? (float *)out : malloc(sizeof(float) * (size_t)M * N);
+    const int as_they_are = direct(out_bf16, bias);
+    float *sums = as_they_are ? (float *)out : malloc(sizeof(float) * (size_t)M * N);
     int failed = !q || !steps || !totals || (rows_bf16 && !widened) || !sums;
     if (!failed) {
 #pragma omp parallel for num_threads(threads) if (M > 1)
@@ -290,7 +290,7 @@ int rinna_int4dot(const void *rows, int rows_bf16, const uint8_t *w, const uint1
             }
             int n0 = PANEL * FIRST(lo), n1 = PANEL * FIRST(hi); /* this thread's outputs */
 #undef FIRST
-            for (int i = 0; !direct && i < M && n1 > n0; i++)
+            for (int i = 0; !as_they_are && i < M && n1 > n0; i++)
                 finish(sums + (size_t)i * N + n0, out, out_bf16, bias, i, N, n0, n1);
         }
     }
@@ -298,6 +298,6 @@ int rinna_int4dot(const void *rows, int rows_bf16, const uint8_t *w, const uint1
     free(steps);
     free(totals);
     free(widened);
-    if (!direct) free(sums);
+    if (!as_they_are) free(sums);
     return failed;
 }

@@ -279,14 +279,16 @@ int rinna_int8dot(const void *rows, int rows_bf16, const int8_t *w, const float 
                 for (int n = blocks * NB; n < N; n++)
                     for (int i = 0; i < m; i++) part[(size_t)i * N + n] = single(x + (size_t)i * K, w + (size_t)n * K, 0, K);
         }
-        float *values = failed || last <= first ? NULL : malloc(sizeof(float) * (size_t)(last - first)); /* a row's */
-        failed |= last > first && !values;
-        for (int i = 0; values && i < M; i++) {
+        const int as_they_are = direct(out_bf16, bias);
+        float *values = failed || as_they_are || last <= first ? NULL : malloc(sizeof(float) * (size_t)(last - first));
+        failed |= !as_they_are && last > first && !values;
+        for (int i = 0; !failed && i < M; i++) {
+            float *v = as_they_are ? (float *)out + (size_t)i * N + first : values; /* row i's outputs first.. */
             for (int n = first; n < last; n++) {
                 float scaled = (float)sums[(size_t)i * N + n] * steps[i]; /* torch: summed * step * scale */
-                values[n - first] = scaled * scale[n];
+                v[n - first] = scaled * scale[n];
             }
-            finish(values, out, out_bf16, bias, i, N, first, last);
+            if (!as_they_are) finish(values, out, out_bf16, bias, i, N, first, last);
         }
         free(values);
     }

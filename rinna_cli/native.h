@@ -41,9 +41,12 @@ static inline const float *row_floats(const void *rows, int bf16, size_t i, int 
     return scratch;
 }
 
-/* outputs n0..n1-1 of row i (of N) from their float values v[0..n1-n0-1]: in the output's dtype, plus the bias in
- * that dtype, each step rounded as torch rounds y.to(dtype) + bias, so that the kernels give the bits of torch's
- * kernels finished by rinna_cli.int8.QuantLinear */
+/* Whether the kernel's float sums are its outputs as they are: float32 out, no bias (else finish() makes them). */
+static inline int direct(int out_bf16, const void *bias) { return !out_bf16 && !bias; }
+
+/* outputs n0..n1-1 of row i (of N) from their float values v[0..n1-n0-1], where they are not direct(): in the
+ * output's dtype, plus the bias in that dtype, each step rounded as torch rounds y.to(dtype) + bias, so that the
+ * kernels give the bits of torch's kernels finished by rinna_cli.int8.QuantLinear */
 static inline void finish(const float *v, void *out, int bf16, const void *bias, size_t i, int N, int n0, int n1) {
     const int n = n1 - n0;
     if (bf16) {
@@ -55,10 +58,7 @@ static inline void finish(const float *v, void *out, int bf16, const void *bias,
             for (int k = 0; k < n; k++) o[k] = to_bf16(v[k]);
     } else {
         float *o = (float *)out + i * (size_t)N + n0;
-        const float *b = bias ? (const float *)bias + n0 : NULL;
-        if (b)
-            for (int k = 0; k < n; k++) o[k] = v[k] + b[k];
-        else if (o != v)
-            memcpy(o, v, sizeof(float) * (size_t)n);
+        const float *b = (const float *)bias + n0;
+        for (int k = 0; k < n; k++) o[k] = v[k] + b[k];
     }
 }
