@@ -232,6 +232,8 @@ static void quantize(const float *row, int8_t *q, float *steps, float *totals, i
     }
 }
 
+#define FEW 2 /* rows that stream the weights one panel at a time */
+
 /* Constant row and panel counts, so that the sums stay in registers. */
 #define ROWS(M_)                                                                                          \
     case M_:                                                                                              \
@@ -264,8 +266,11 @@ int rinna_int4dot(const void *rows, int rows_bf16, const uint8_t *w, const uint1
                   int out_bf16, int M, int N, int K, int qg, int threads) {
     if (M <= 0 || N <= 0) return 0;
     if (qg % 64 || qg < 64 || qg > 256 || K % qg || N % PANEL) return 2;
-    const int G = K / qg, P = N / PANEL, units = P / NR + P % NR; /* NR panels a unit, single panels at the end */
-    const int full = P / NR;
+    /* NR panels a unit, single panels at the end; a decode step's one or two rows stream one panel at a time (two
+     * streams a thread read 11264 x 2816 at 44 GB/s where one read it at 50, Zen 5 of 2026-12-07; the same sums) */
+    const int nr = M <= FEW ? 1 : NR;
+    const int G = K / qg, P = N / PANEL, units = P / nr + P % nr;
+    const int full = P / nr;
     int8_t *q = malloc((size_t)M * K);
     float *steps = malloc(sizeof(float) * (size_t)M * G), *totals = malloc(sizeof(float) * (size_t)M * G);
     float *widened = rows_bf16 ? malloc(sizeof(float) * (size_t)K * threads) : NULL;
@@ -283,9 +288,9 @@ int rinna_int4dot(const void *rows, int rows_bf16, const uint8_t *w, const uint1
         {
             int t = omp_get_thread_num(), nt = omp_get_num_threads();
             int lo = (int)((long)units * t / nt), hi = (int)((long)units * (t + 1) / nt);
-#define FIRST(u) ((u) < full ? (u) * NR : full * NR + ((u) - full)) /* unit u's first panel */
+#define FIRST(u) ((u) < full ? (u) * nr : full * nr + ((u) - full)) /* unit u's first panel */
             for (int u = lo; u < hi; u++) {
-                int p0 = FIRST(u), np = u < full ? NR : 1;
+                int p0 = FIRST(u), np = u < full ? nr : 1;
                 panels(q, steps, totals, w + (size_t)p0 * K * 8, sz, sums, M, N, K, qg, p0, np);
             }
             int n0 = PANEL * FIRST(lo), n1 = PANEL * FIRST(hi); /* this thread's outputs */
