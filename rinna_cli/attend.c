@@ -18,10 +18,6 @@
 
 #include "native.h"
 
-static inline float widen(const void *base, size_t i, int bf16) {
-    return bf16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
-
 /* q: head h at q + h * qs; out: (H, D) contiguous; every element in float32 or (bf16 != 0) bfloat16.
  * 0 on success, 1 if the scratch could not be allocated, 2 for no cached token or a head wider than 1024. */
 int rinna_attend(const void *q, const void *k, const void *v, void *out, int H, int T, int D, long qs, long khs,

@@ -120,22 +120,37 @@ class _GrowingLayer(DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        count = key_states.shape[-2]
+        keys, values, used = self.reserve(count, key_states, value_states)
+        keys[..., used : used + count, :] = key_states
+        values[..., used : used + count, :] = value_states
+        return self.extend(count)
+
+    def reserve(self, count: int, key_like=None, value_like=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The buffers, with room for ``count`` more tokens, and the tokens held; new buffers are shaped like
+        ``key_like`` and ``value_like`` (default: the cache's). A kernel that writes the keys and values itself
+        (:mod:`rinna_cli.attention`) calls this, then :meth:`extend`."""
+        key_like = self.keys if key_like is None else key_like
+        value_like = self.values if value_like is None else value_like
         used = self.keys.shape[-2] if self.keys.dim() == 4 else 0
-        needed = used + key_states.shape[-2]
+        needed = used + count
         if self._buffers is None or needed > self._buffers[0].shape[-2]:
             room = -(-needed // self.GROWTH) * self.GROWTH
             buffers = (
-                key_states.new_empty((*key_states.shape[:-2], room, key_states.shape[-1])),
-                value_states.new_empty((*value_states.shape[:-2], room, value_states.shape[-1])),
+                key_like.new_empty((*key_like.shape[:-2], room, key_like.shape[-1])),
+                value_like.new_empty((*value_like.shape[:-2], room, value_like.shape[-1])),
             )
             if used:
                 buffers[0][..., :used, :] = self.keys
                 buffers[1][..., :used, :] = self.values
             self._buffers = buffers
-        keys, values = self._buffers
-        keys[..., used:needed, :] = key_states
-        values[..., used:needed, :] = value_states
-        self.keys, self.values = keys[..., :needed, :], values[..., :needed, :]
+        return (*self._buffers, used)
+
+    def extend(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The views take the next ``count`` tokens written into the buffers (:meth:`reserve`)."""
+        assert self._buffers is not None
+        needed = (self.keys.shape[-2] if self.keys.dim() == 4 else 0) + count
+        self.keys, self.values = self._buffers[0][..., :needed, :], self._buffers[1][..., :needed, :]
         return self.keys, self.values
 
 

@@ -145,6 +145,13 @@ class Int4Linear(QuantLinear):
         """The cache tensors of this layer, called ``name`` in the model, from its full-precision weight."""
         return {f"{name}.{key}": tensor for key, tensor in quantize_weight(weight, self.group_size).items()}
 
+    def native_weights(self) -> native.Weights | None:
+        return (
+            native.Weights(self.weight, self.scales_zeros, self.group_size, self.bias)
+            if self.decode == "int4dot"
+            else None
+        )
+
     def prepare(self, kernels: tuple[str, ...] = ()) -> None:
         if TORCH_LAYOUT.intersection(kernels or (self.decode, self.batch, self.prefill)):
             self.derived("int4pack", self.torch_layout)

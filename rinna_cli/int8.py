@@ -114,6 +114,11 @@ class QuantLinear(nn.Module):
         y = self.KERNELS[kernel](self, rows).to(dtype)
         return y if bias is None else y + bias
 
+    def native_weights(self) -> native.Weights | None:
+        """This layer's tensors for rinna-cli's kernel where that kernel decodes it (a fused decode step calls it from C,
+        :mod:`rinna_cli.attention`), else None."""
+        return None
+
     def rowwise(self) -> bool:
         """Whether a row's output is the same whatever rows it is multiplied with (one kernel, or all in SAME_ROWS)."""
         kernels = {self.decode, self.batch, self.prefill}
@@ -190,6 +195,9 @@ class Int8Linear(QuantLinear):
         if module.bias is not None:  # made with a bias exactly when linear has one
             module.bias.data = linear.bias.detach().to(ACTIVATION_DTYPE)
         return module
+
+    def native_weights(self) -> native.Weights | None:
+        return native.Weights(self.weight, self.scale, 0, self.bias) if self.decode == "int8dot" else None
 
     def tensors(self, name: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
         """The cache tensors of this layer, called ``name`` in the model, from its full-precision weight."""

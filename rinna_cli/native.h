@@ -25,6 +25,11 @@ static inline float from_bf16(uint16_t v) {
     return f;
 }
 
+/* element i of a float32 or (bf16) bfloat16 array, as a float */
+static inline float widen(const void *base, size_t i, int bf16) {
+    return bf16 ? from_bf16(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
 /* torch's float to bfloat16: rounded to nearest, ties to even; a NaN stays a NaN */
 static inline uint16_t to_bf16(float f) {
     uint32_t bits;

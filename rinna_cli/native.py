@@ -32,10 +32,11 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c", "attend.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("int8dot.c", "int4dot.c", "attend.c", "decode.c"))
 HEADERS = (Path(__file__).with_name("native.h"),)  # what the sources include: part of what a build is of
 FINISHED = {torch.float32: 0, torch.bfloat16: 1}  # the dtypes the kernels read and write, and their flag
 
@@ -92,6 +93,63 @@ def build(folder: Path, march: str = "native") -> Path:
     return path
 
 
+class Weights(NamedTuple):
+    """A quantized layer as rinna-cli's kernels read it: int8 ``weight`` (out, in) and float32 ``scales`` per output
+    (``group`` 0, int8dot), or int4 codes and their bfloat16 scales in groups of ``group`` inputs (int4dot); ``bias``
+    (one per output) or None."""
+
+    weight: torch.Tensor
+    scales: torch.Tensor
+    group: int
+    bias: torch.Tensor | None
+
+    def bias_pointer(self) -> int | None:
+        return None if self.bias is None else self.bias.data_ptr()
+
+    def takes(self, outputs: int, inputs: int, dtype: torch.dtype) -> bool:
+        """Whether these are weights of ``outputs`` by ``inputs`` the kernels read as they are, any bias in ``dtype``."""
+        return (
+            self.weight.shape[0] == outputs
+            and self.weight.shape[1] * (2 if self.group else 1) == inputs
+            and self.weight.is_contiguous()
+            and self.scales.is_contiguous()
+            and (self.bias is None or (self.bias.dtype == dtype and self.bias.is_contiguous()))
+        )
+
+
+def fusable(
+    x: torch.Tensor,
+    qkv: Weights,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    dense: Weights,
+    residual: torch.Tensor,
+) -> bool:
+    """What ``decode_attention`` takes: rows ``x`` and ``residual`` of ``heads * size`` values, ``cos`` and ``sin`` of
+    ``size``, all contiguous, the cache's ``keys`` and ``values`` (1, heads, room, size) views of any strides but along
+    ``size``, all float32 or all bfloat16 on the CPU; ``qkv`` of ``3 * heads * size`` outputs, ``dense`` square."""
+    heads, size = keys.shape[1], keys.shape[3]
+    width, dtype = heads * size, x.dtype
+    return (
+        dtype in FINISHED
+        and dtype == residual.dtype == cos.dtype == sin.dtype == keys.dtype == values.dtype
+        and x.numel() == residual.numel() == width
+        and cos.numel() == sin.numel() == size
+        and all(t.is_contiguous() for t in (x, residual, cos, sin))
+        and keys.dim() == 4
+        and keys.shape[0] == 1
+        and keys.shape == values.shape
+        and keys.stride(-1) == values.stride(-1) == 1
+        and 0 < size <= 1024
+        and size % 2 == 0
+        and qkv.takes(3 * width, width, dtype)
+        and dense.takes(width, width, dtype)
+        and x.device.type == keys.device.type == values.device.type == "cpu"
+    )
+
+
 def attendable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """What ``attend`` takes: ``query`` (1, heads, 1, size) and ``key``, ``value`` (1, heads, tokens, size), views of
     any strides but along ``size``, at least one token, 1 to 1024 values a head, all float32 or all bfloat16 on the
@@ -124,7 +182,18 @@ class Library:
         self._lib.rinna_int4dot.argtypes = finished + [ctypes.c_int] * 5
         self._lib.rinna_attend.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3 + [ctypes.c_long] * 5 + [
             ctypes.c_float, ctypes.c_int, ctypes.c_int]  # fmt: skip
-        for function in (self._lib.rinna_int8dot, self._lib.rinna_int4dot, self._lib.rinna_attend):
+        pointer, number = ctypes.c_void_p, ctypes.c_int
+        self._lib.rinna_decode_attention.argtypes = [
+            pointer, number, pointer, pointer, number, pointer, pointer, pointer, pointer, pointer,
+            ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long, number,
+            pointer, pointer, number, pointer, pointer, pointer, number, number, ctypes.c_float, number,
+        ]  # fmt: skip
+        for function in (
+            self._lib.rinna_int8dot,
+            self._lib.rinna_int4dot,
+            self._lib.rinna_attend,
+            self._lib.rinna_decode_attention,
+        ):
             function.restype = ctypes.c_int
         self.paths = {}  # kernel -> "avx512-vnni", "avx2" or "c"
         for name in ("int8dot", "int4dot"):
@@ -198,6 +267,37 @@ class Library:
         )  # fmt: skip
         if failed:  # 2 (no token, too wide a head) is refused above
             raise MemoryError("the native attention could not allocate its scores")
+        return out
+
+    def decode_attention(
+        self,
+        x: torch.Tensor,
+        qkv: Weights,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        tokens: int,
+        dense: Weights,
+        residual: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """A GPT-NeoX layer's attention half for one decode step of one sequence (``decode.c``): ``x`` (its
+        layer-normed row) through ``qkv``, each head's query and key rotated by ``cos`` and ``sin`` (one position),
+        key and value written into ``keys`` and ``values`` (1, heads, room, size) at token ``tokens``, attention over
+        the ``tokens + 1`` tokens, then ``dense`` plus ``residual``. What :func:`fusable` takes; the bits of those
+        steps in torch."""
+        heads, size = keys.shape[1], keys.shape[3]
+        out = torch.empty_like(residual)
+        failed = self._lib.rinna_decode_attention(
+            x.data_ptr(), FINISHED[x.dtype], qkv.weight.data_ptr(), qkv.scales.data_ptr(), qkv.group,
+            qkv.bias_pointer(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
+            keys.stride(2), values.stride(1), values.stride(2), tokens, dense.weight.data_ptr(),
+            dense.scales.data_ptr(), dense.group, dense.bias_pointer(), residual.data_ptr(), out.data_ptr(), heads,
+            size, scale, torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("the native decode step could not allocate its rows")
         return out
 
     @staticmethod

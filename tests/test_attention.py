@@ -125,3 +125,43 @@ def test_sdpa_puts_transformers_layers_back():
     attention.use(model, "sdpa")
     assert attention.chosen(model.config) == "sdpa"
     assert all(type(layer) is GPTNeoXLayer for layer in model.gpt_neox.layers)
+
+
+def _quantized_model(kind: str, dtype: torch.dtype, decode: str):
+    """The tiny model with int8 or int4 layers (the head int8, as rinna-cli's int4 model), every kernel ``decode``
+    (int4 layers: int4dot), activations in ``dtype``, rinna-cli's attention."""
+    from rinna_cli import int4, int8, kernels
+
+    model = _tiny_model(torch.float32)
+    for name, parent, attribute, linear in int8.linears(model):
+        quantized = int4.Int4Linear.quantize(linear) if kind == "int4" and name != "lm_head" else None
+        setattr(parent, attribute, quantized or int8.Int8Linear.quantize(linear))
+    chosen = {"int8": (decode,) * 3} | ({"int4": ("int4dot",) * 3} if kind == "int4" else {})
+    kernels.apply(model, kernels.Plan(chosen, str(dtype).removeprefix("torch."), attention="attend"))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_decode_step_on_rinna_clis_kernels_takes_one_native_call_for_attention_with_the_same_bits(
+    monkeypatch, kind, dtype
+):
+    """Where rinna-cli's kernels decode a layer's linears, its attention half is one call (decode.c) writing into the
+    engine's cache, growing as it goes; the logits are those of the operations it replaces. A kernel of torch's
+    (int_mm) decodes as before."""
+    from rinna_cli.engine import _GrowingLayer
+
+    monkeypatch.setattr(_GrowingLayer, "GROWTH", 4)  # the cache grows during the decode steps below
+    fused: list = []
+    real = native.Library.decode_attention
+    monkeypatch.setattr(native.Library, "decode_attention", lambda self, *a: fused.append(1) or real(self, *a))
+    prompt = [[5, 17, 3, 42, 8]]
+    model = _quantized_model(kind, dtype, "int8dot")
+    one_call = _decode(model, prompt, 9)
+    assert len(fused) == 9 * 2  # each decode step, each layer
+    fused.clear()
+    with monkeypatch.context() as unfused:
+        unfused.setattr(attention.DecodeLayer, "_fused", lambda *args: None)
+        assert torch.equal(_decode(model, prompt, 9), one_call) and fused == []
+    if kind == "int8":  # int_mm gives int8dot's bits through torch's kernel: transformers' operations, no fused call
+        assert torch.equal(_decode(_quantized_model(kind, dtype, "int_mm"), prompt, 9), one_call) and fused == []

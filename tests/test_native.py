@@ -160,6 +160,51 @@ def test_attend_on_every_path_is_one_querys_attention_over_a_cache_in_a_larger_b
     assert library.attend(torch.tensor([[[[1e4, 0.0]]]]), k, torch.tensor([[[[2.0, 3.0]]]]), 1.0).tolist() == [[[[2.0, 3.0]]]]
 
 
+def test_decode_attention_on_every_path_has_the_bits_of_the_steps_it_fuses(path):
+    """A layer's attention half in one call: the bits of int8dot or int4dot, transformers' rotary as
+    rinna_cli.attention.rotate computes it, the cache written at the next token, attend, the dense layer and the
+    residual, each a torch operation here; no other token of the cache touched."""
+    from rinna_cli.attention import rotate
+
+    march, library = path
+    torch.manual_seed(9)
+    heads, size, tokens, room = 4, 32, 7, 12
+    width = heads * size
+
+    def weights(kind: str, out_features: int) -> native.Weights:
+        layer = torch.nn.Linear(width, out_features)
+        if kind == "int8":
+            w, scale = int8.quantize_weight(layer.weight.detach())
+            return native.Weights(w, scale, 0, layer.bias.detach())
+        tensors = int4.quantize_weight(layer.weight.detach(), 64)
+        return native.Weights(tensors["weight"], tensors["scales_zeros"], 64, layer.bias.detach())
+
+    def linear(x, w: native.Weights, dtype):
+        multiply = library.int4dot if w.group else library.int8dot
+        return multiply(x.reshape(1, -1), w.weight, w.scales, dtype, w.bias)
+
+    for kind in ("int8", "int4"):
+        for dtype in (torch.float32, torch.bfloat16):
+            qkv, dense = (w._replace(bias=w.bias.to(dtype)) for w in (weights(kind, 3 * width), weights(kind, width)))
+            x, residual = (torch.randn(1, 1, width).to(dtype) for _ in range(2))
+            angles = torch.rand(size) * 6
+            cos, sin = angles.cos().to(dtype)[None, None], angles.sin().to(dtype)[None, None]
+            keys, values = (torch.randn(1, heads, room, size).to(dtype) for _ in range(2))
+            before = keys.clone(), values.clone()
+            got = library.decode_attention(x, qkv, cos, sin, keys, values, tokens, dense, residual, 0.3)
+
+            heads_qkv = linear(x, qkv, dtype).view(1, 1, heads, 3 * size).transpose(1, 2)
+            rotated = rotate(heads_qkv[..., : 2 * size].unflatten(-1, (2, size)), cos[:, :, None], sin[:, :, None])
+            want_keys, want_values = before[0].clone(), before[1].clone()
+            want_keys[:, :, tokens], want_values[:, :, tokens] = rotated[:, :, 0, 1], heads_qkv[:, :, 0, 2 * size :]
+            context = library.attend(
+                rotated[..., 0, :], want_keys[:, :, : tokens + 1], want_values[:, :, : tokens + 1], 0.3
+            ).reshape(1, 1, width)
+            want = linear(context, dense, dtype).reshape(1, 1, width) + residual
+            assert got.dtype == dtype and torch.equal(got, want), (march, kind, dtype)
+            assert torch.equal(keys, want_keys) and torch.equal(values, want_values), (march, kind, dtype)
+
+
 def test_attend_refuses_what_is_not_one_query_per_head(built):
     library = built["native"]
     q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 5, 8)
