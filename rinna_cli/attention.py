@@ -105,7 +105,14 @@ class DecodeLayer(GPTNeoXLayer):
         qkv_weights, dense_weights = qkv.native_weights(), dense.native_weights()
         layers = getattr(cache, "layers", ())
         stored = layers[attention.layer_idx] if attention.layer_idx < len(layers) else None
-        if qkv_weights is None or dense_weights is None or not hasattr(stored, "reserve") or stored.keys.dim() != 4:
+        if (
+            qkv_weights is None
+            or dense_weights is None
+            or torch.is_grad_enabled()
+            or not hasattr(stored, "reserve")
+            or not stored.is_initialized
+            or stored.keys.dim() != 4
+        ):
             return None
         cos, sin = position_embeddings
         keys, values, tokens = stored.reserve(1)

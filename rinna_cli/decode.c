@@ -39,9 +39,9 @@ static inline void put(void *base, size_t i, float v, int bf16) {
 /* transformers' rotary, as rinna_cli.attention.rotate computes it: x * cos + turned * sin with turned the halves of x
  * swapped, the first negated; each product and the sum an operation of its own (no fused multiply-add) */
 #if defined(__clang__)
-#define SEPARATE_PRODUCTS
+#define SEPARATE_PRODUCTS __attribute__((noinline))
 #else
-#define SEPARATE_PRODUCTS __attribute__((optimize("fp-contract=off")))
+#define SEPARATE_PRODUCTS __attribute__((optimize("fp-contract=off"), noinline)) /* inlined, the caller's flags rule */
 #endif
 SEPARATE_PRODUCTS static void rotate(const void *x, const void *cos, const void *sin, void *out, size_t at_out, int S,
                                      int bf16) {
@@ -59,7 +59,7 @@ SEPARATE_PRODUCTS static void rotate(const void *x, const void *cos, const void 
 
 /* x: the layer-normed row (H * S values); cos, sin: S values for the token's position; keys, values: the cache, head h
  * token t at h * khs + t * kts (values likewise), with room for token T; residual and out: H * S values. Everything
- * in float32 or (bf16) bfloat16. 0 on success, 1 if memory ran out. */
+ * in float32 or (bf16) bfloat16. 0 on success, 1 if memory ran out, 2 if a kernel refused its shapes. */
 int rinna_decode_attention(const void *x, int bf16, const void *qkv_w, const void *qkv_s, int qkv_group,
                            const void *qkv_bias, const void *cos, const void *sin, void *keys, void *values, long khs,
                            long kts, long vhs, long vts, int T, const void *dense_w, const void *dense_s,
@@ -76,12 +76,12 @@ int rinna_decode_attention(const void *x, int bf16, const void *qkv_w, const voi
         rotate(head + bytes * S, cos, sin, keys, (size_t)h * khs + (size_t)T * kts, S, bf16);
         for (int d = 0; d < S; d++) put(values, (size_t)h * vhs + (size_t)T * vts + d, widen(head, 2 * S + d, bf16), bf16);
     }
-    failed = failed || rinna_attend(query, keys, values, context, H, T + 1, S, S, khs, kts, vhs, vts, scale, bf16,
-                                    threads);
-    failed = failed || linear(context, bf16, dense_w, dense_s, dense_group, dense_bias, qkv, (int)width, (int)width,
-                              threads);
+    if (!failed) failed = rinna_attend(query, keys, values, context, H, T + 1, S, S, khs, kts, vhs, vts, scale, bf16,
+                                       threads);
+    if (!failed) failed = linear(context, bf16, dense_w, dense_s, dense_group, dense_bias, qkv, (int)width, (int)width,
+                                 threads);
     for (size_t k = 0; !failed && k < width; k++) /* torch's `dense(context) + hidden` */
         put(out, k, widen(qkv, k, bf16) + widen(residual, k, bf16), bf16);
     free(scratch);
-    return failed != 0;
+    return failed;
 }

@@ -106,14 +106,44 @@ class Weights(NamedTuple):
     def bias_pointer(self) -> int | None:
         return None if self.bias is None else self.bias.data_ptr()
 
+    def refusal(self, inputs: int) -> str | None:
+        """Why the kernels cannot multiply rows of ``inputs`` values by these weights; None where they can."""
+        weight, scales = self.weight, self.scales
+        if self.group == 0:
+            if (
+                weight.dim() != 2
+                or weight.dtype != torch.int8
+                or scales.dtype != torch.float32
+                or weight.shape[1] != inputs
+            ):
+                return f"int8dot takes int8 weights and float32 scales, not {weight.dtype} {tuple(weight.shape)}"
+            if scales.shape != (weight.shape[0],):
+                return f"int8dot takes one scale per output, not {tuple(scales.shape)}"
+            return None
+        if weight.dim() != 2 or weight.dtype != torch.uint8 or weight.shape[1] * 2 != inputs or weight.shape[0] % 16:
+            return (
+                f"int4dot takes uint8 codes of the rows' inputs, 16 outputs at a time, not {weight.dtype} "
+                f"{tuple(weight.shape)}"
+            )
+        groups = inputs // self.group if self.group > 0 else 0
+        if (
+            scales.dtype != torch.bfloat16
+            or self.group not in (64, 128, 256)
+            or groups * self.group != inputs
+            or scales.shape != (weight.shape[0] // 16, groups, 2, 16)
+        ):
+            return f"int4dot takes bfloat16 scales per group of 64, 128 or 256, not {tuple(scales.shape)}"
+        return None
+
     def takes(self, outputs: int, inputs: int, dtype: torch.dtype) -> bool:
-        """Whether these are weights of ``outputs`` by ``inputs`` the kernels read as they are, any bias in ``dtype``."""
+        """Whether the kernels read these weights of ``outputs`` by ``inputs`` as they are, any bias in ``dtype``."""
+        bias = self.bias
         return (
             self.weight.shape[0] == outputs
-            and self.weight.shape[1] * (2 if self.group else 1) == inputs
+            and self.refusal(inputs) is None
             and self.weight.is_contiguous()
             and self.scales.is_contiguous()
-            and (self.bias is None or (self.bias.dtype == dtype and self.bias.is_contiguous()))
+            and (bias is None or (bias.dtype == dtype and bias.shape == (outputs,) and bias.is_contiguous()))
         )
 
 
@@ -130,6 +160,8 @@ def fusable(
     """What ``decode_attention`` takes: rows ``x`` and ``residual`` of ``heads * size`` values, ``cos`` and ``sin`` of
     ``size``, all contiguous, the cache's ``keys`` and ``values`` (1, heads, room, size) views of any strides but along
     ``size``, all float32 or all bfloat16 on the CPU; ``qkv`` of ``3 * heads * size`` outputs, ``dense`` square."""
+    if keys.dim() != 4 or keys.shape != values.shape:
+        return False
     heads, size = keys.shape[1], keys.shape[3]
     width, dtype = heads * size, x.dtype
     return (
@@ -138,9 +170,7 @@ def fusable(
         and x.numel() == residual.numel() == width
         and cos.numel() == sin.numel() == size
         and all(t.is_contiguous() for t in (x, residual, cos, sin))
-        and keys.dim() == 4
         and keys.shape[0] == 1
-        and keys.shape == values.shape
         and keys.stride(-1) == values.stride(-1) == 1
         and 0 < size <= 1024
         and size % 2 == 0
@@ -211,10 +241,9 @@ class Library:
     ) -> torch.Tensor:
         """``int8.int_mm(rows, weight, scale).to(dtype) + bias``, bit for bit: rows (m, in) by int8 ``weight``
         (out, in) and its float32 scale, in ``dtype`` (float32 or bfloat16, as the bias)."""
-        if weight.dtype != torch.int8 or scale.dtype != torch.float32 or rows.shape[1] != weight.shape[1]:
-            raise ValueError(f"int8dot takes int8 weights and float32 scales, not {weight.dtype} {tuple(weight.shape)}")
-        if scale.shape != (weight.shape[0],):
-            raise ValueError(f"int8dot takes one scale per output, not {tuple(scale.shape)}")
+        refusal = Weights(weight, scale, 0, bias).refusal(rows.shape[1])
+        if refusal:
+            raise ValueError(refusal)
         return self._call(self._lib.rinna_int8dot, rows, weight, scale, dtype, bias, weight.shape[1])
 
     def int4dot(
@@ -228,23 +257,12 @@ class Library:
         """rows (m, in) by int4 weights in :mod:`rinna_cli.int4`'s layout, in ``dtype`` (float32 or bfloat16, as the
         bias), the bias added: ``codes`` (out, in / 2) uint8 and ``scales_zeros`` (out / 16, groups, 2, 16)
         bfloat16, groups of 64, 128 or 256 inputs, out a multiple of 16."""
-        out_features, in_features = codes.shape[0], codes.shape[1] * 2
-        groups = scales_zeros.shape[1] if scales_zeros.dim() == 4 else 0
-        group = in_features // groups if groups else 0
-        if codes.dtype != torch.uint8 or rows.shape[1] != in_features or out_features % 16:
-            raise ValueError(
-                f"int4dot takes uint8 codes of the rows' inputs, 16 outputs at a time, not {codes.dtype} "
-                f"{tuple(codes.shape)}"
-            )
-        if (
-            scales_zeros.dtype != torch.bfloat16
-            or scales_zeros.shape != (out_features // 16, groups, 2, 16)
-            or group not in (64, 128, 256)
-            or group * groups != in_features
-        ):
-            raise ValueError(
-                f"int4dot takes bfloat16 scales per group of 64, 128 or 256, not {tuple(scales_zeros.shape)}"
-            )
+        in_features = codes.shape[1] * 2
+        groups = scales_zeros.shape[1] if scales_zeros.dim() == 4 and scales_zeros.shape[1] else 0
+        group = in_features // groups if groups else -1
+        refusal = Weights(codes, scales_zeros, group, bias).refusal(rows.shape[1])
+        if refusal:
+            raise ValueError(refusal)
         return self._call(self._lib.rinna_int4dot, rows, codes, scales_zeros, dtype, bias, in_features, group)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
@@ -288,6 +306,8 @@ class Library:
         the ``tokens + 1`` tokens, then ``dense`` plus ``residual``. What :func:`fusable` takes; the bits of those
         steps in torch."""
         heads, size = keys.shape[1], keys.shape[3]
+        if not 0 <= tokens < keys.shape[2]:
+            raise ValueError(f"no room in the cache for token {tokens} (it holds {keys.shape[2]})")
         out = torch.empty_like(residual)
         failed = self._lib.rinna_decode_attention(
             x.data_ptr(), FINISHED[x.dtype], qkv.weight.data_ptr(), qkv.scales.data_ptr(), qkv.group,
@@ -296,6 +316,8 @@ class Library:
             dense.scales.data_ptr(), dense.group, dense.bias_pointer(), residual.data_ptr(), out.data_ptr(), heads,
             size, scale, torch.get_num_threads(),
         )  # fmt: skip
+        if failed == 2:  # :func:`fusable` refuses what the kernels refuse
+            raise ValueError("the native decode step's kernels refused its operands")
         if failed:
             raise MemoryError("the native decode step could not allocate its rows")
         return out

@@ -205,6 +205,35 @@ def test_decode_attention_on_every_path_has_the_bits_of_the_steps_it_fuses(path)
             assert torch.equal(keys, want_keys) and torch.equal(values, want_values), (march, kind, dtype)
 
 
+def test_what_decode_attention_cannot_take_is_refused_before_any_kernel_runs(built):
+    """``fusable`` says no (the layer then takes its operations one by one) to weights the kernels cannot read, a cache
+    that is not (1, heads, room, size) and rows of another dtype; ``decode_attention`` refuses a token beyond the
+    cache's room instead of writing past it."""
+    library = built["native"]
+    heads, size = 2, 64
+    width = heads * size
+    w, scale = int8.quantize_weight(torch.randn(3 * width, width))
+    qkv = native.Weights(w, scale, 0, torch.zeros(3 * width))
+    dense = native.Weights(*int8.quantize_weight(torch.randn(width, width)), 0, torch.zeros(width))
+    x, cos = torch.randn(1, 1, width), torch.ones(1, 1, size)
+    keys = torch.zeros(1, heads, 4, size)
+    assert native.fusable(x, qkv, cos, cos, keys, keys.clone(), dense, x)
+    tensors = int4.quantize_weight(torch.randn(3 * width, width), 64)
+    refused = {
+        "a short bias": (x, qkv._replace(bias=torch.zeros(5)), keys, x),
+        "int4 codes in groups of 96": (x, native.Weights(tensors["weight"], tensors["scales_zeros"], 96, None), keys, x),
+        "int8 weights read as int4": (x, qkv._replace(group=64), keys, x),
+        "a cache of three dimensions": (x, qkv, keys[0], x),
+        "two sequences' cache": (x, qkv, torch.zeros(2, heads, 4, size), x),
+        "bfloat16 rows": (x.bfloat16(), qkv, keys, x),
+        "a strided row": (torch.randn(1, 1, 2 * width)[..., ::2], qkv, keys, x),
+    }
+    for case, (rows, weights, cache, residual) in refused.items():
+        assert not native.fusable(rows, weights, cos, cos, cache, cache.clone(), dense, residual), case
+    with pytest.raises(ValueError, match="no room in the cache for token 4"):
+        library.decode_attention(x, qkv, cos, cos, keys, keys.clone(), 4, dense, x, 0.1)
+
+
 def test_attend_refuses_what_is_not_one_query_per_head(built):
     library = built["native"]
     q, k = torch.zeros(1, 2, 1, 8), torch.zeros(1, 2, 5, 8)
