@@ -95,34 +95,45 @@ class DecodeLayer(GPTNeoXLayer):
         return mlp.dense_4h_to_h(mlp.act(mlp.dense_h_to_4h(self.post_attention_layernorm(attended)))) + attended
 
     def _fused(self, normed, cache, position_embeddings, hidden_states):
-        """The attention half of the step in one native call (:meth:`rinna_cli.native.Library.decode_attention`), the
-        same bits as the operations below it, where rinna-cli's kernels decode both its linear layers and the cache
-        is the engine's; else None."""
-        attention = self.attention
-        qkv, dense = attention.query_key_value, attention.dense
-        if not isinstance(qkv, QuantLinear) or not isinstance(dense, QuantLinear):
-            return None
-        qkv_weights, dense_weights = qkv.native_weights(), dense.native_weights()
+        """:func:`fused` on the engine's cache (:class:`rinna_cli.engine._GrowingLayer`, which grows to make room);
+        None where either does not apply."""
         layers = getattr(cache, "layers", ())
-        stored = layers[attention.layer_idx] if attention.layer_idx < len(layers) else None
-        if (
-            qkv_weights is None
-            or dense_weights is None
-            or torch.is_grad_enabled()
-            or not hasattr(stored, "reserve")
-            or not stored.is_initialized
-            or stored.keys.dim() != 4
-        ):
+        index = self.attention.layer_idx
+        stored = layers[index] if index < len(layers) else None
+        if not hasattr(stored, "reserve") or not stored.is_initialized or stored.keys.dim() != 4:
             return None
-        cos, sin = position_embeddings
         keys, values, tokens = stored.reserve(1)
-        if not native.fusable(normed, qkv_weights, cos, sin, keys, values, dense_weights, hidden_states):
-            return None
-        attended = native.library().decode_attention(
-            normed, qkv_weights, cos, sin, keys, values, tokens, dense_weights, hidden_states, attention.scaling
-        )
-        stored.extend(1)
+        attended = fused(self, normed, *position_embeddings, keys, values, tokens, hidden_states)
+        if attended is not None:
+            stored.extend(1)
         return attended
+
+
+def fused(layer, normed, cos, sin, keys, values, tokens: int, hidden_states):
+    """A GPT-NeoX layer's attention half for one decode row of one sequence in one native call
+    (:meth:`rinna_cli.native.Library.decode_attention`), with the bits of its operations one by one (DecodeLayer's,
+    BatchedForward's), where rinna-cli's kernels decode the layer's linears and rinna-cli's attention was chosen:
+    ``keys`` and ``values`` (1, heads, room, size) with room for token ``tokens``; None where it does not apply."""
+    attention = layer.attention
+    qkv, dense = attention.query_key_value, attention.dense
+    if (
+        torch.is_grad_enabled()
+        or not isinstance(qkv, QuantLinear)
+        or not isinstance(dense, QuantLinear)
+        or attention.rotary_ndims != attention.head_size
+        or chosen(attention.config) != "attend"
+    ):
+        return None
+    qkv_weights, dense_weights = qkv.native_weights(), dense.native_weights()
+    if (
+        qkv_weights is None
+        or dense_weights is None
+        or not native.fusable(normed, qkv_weights, cos, sin, keys, values, dense_weights, hidden_states)
+    ):
+        return None
+    return native.library().decode_attention(
+        normed, qkv_weights, cos, sin, keys, values, tokens, dense_weights, hidden_states, attention.scaling
+    )
 
 
 def use(model, implementation: str) -> None:

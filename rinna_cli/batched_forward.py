@@ -8,7 +8,9 @@ its kernel by row count (:class:`rinna_cli.int8.QuantLinear`) and the kernels' r
 can differ (``QuantLinear.rowwise``), the decode rows and each prompt's rows go through
 the layers as separate groups. Attention is per sequence: a prompt read whole uses the
 causal kernel from an empty cache, as the single engine does; a later chunk of a prompt
-is masked (offset by what is cached), which can round differently. Tokens are chosen with transformers'
+is masked (offset by what is cached), which can round differently. A step of one row (a sequence decoding alone, a
+lone client of ``rinna serve``) takes the single engine's one native call for a layer's attention half where it
+applies (:func:`rinna_cli.attention.fused`, the same bits). Tokens are chosen with transformers'
 logits processors and a ``torch.Generator`` per sequence seeded with its seed, the way
 the single engine seeds torch's global one.
 
@@ -33,7 +35,7 @@ from transformers.generation.logits_process import (
 from transformers.models.gpt_neox.modeling_gpt_neox import apply_rotary_pos_emb
 
 from rinna_cli import attention, native
-from rinna_cli.attention import rotate
+from rinna_cli.attention import fused, rotate
 from rinna_cli.contract import Sampling
 from rinna_cli.int8 import QuantLinear
 
@@ -176,7 +178,16 @@ class BatchedForward:
     def _layer(self, layer, index: int, batch, groups, hidden: torch.Tensor, cos, sin) -> torch.Tensor:
         """One GPT-NeoX layer, as transformers runs it, with attention per sequence."""
         rows, attention = hidden.shape[0], layer.attention
-        qkv = self._rowwise(attention.query_key_value, layer.input_layernorm(hidden), groups)
+        normed = layer.input_layernorm(hidden)
+        if rows == 1 and not self._parallel_residual:  # one sequence's step alone: as the single engine takes it
+            sequence = batch[0][0]
+            assert sequence.keys is not None and sequence.values is not None
+            attended = fused(
+                layer, normed, cos, sin, sequence.keys[index][None], sequence.values[index][None], sequence.fed, hidden
+            )
+            if attended is not None:
+                return layer.mlp(layer.post_attention_layernorm(attended)) + attended
+        qkv = self._rowwise(attention.query_key_value, normed, groups)
         qkv = qkv.view(1, rows, self._heads, 3 * self._head_size).transpose(1, 2)
         size = self._head_size
         if self._whole_rotary:  # transformers' rotary in fewer operations, the same bits

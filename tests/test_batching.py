@@ -109,7 +109,9 @@ def test_memorized_replies_are_exact_in_a_batch(memorized_model, cache, quantize
         "int8:int_mm/int8dot/int_mm",
         "int8:int8dot/int8dot/int8dot",
         "int8:int_mm/int8dot/int_mm/attend",
+        "int8:int8dot/int8dot/int8dot/attend",  # a layer's attention half in one call (decode.c), alone and batched
         "int4:int4dot/int4dot/int4dot",
+        "int4:int4dot/int4dot/int4dot/attend",
     ],
 )
 def test_random_model_ids_match_the_single_engine(tiny_model, cache, quantize):
@@ -148,6 +150,27 @@ def test_with_rinna_clis_attention_each_decoding_sequence_takes_it_and_a_prompt_
     layers = local.model.config.num_hidden_layers
     want = sorted(len(p) + i for p, r in zip(prompts, replies) for i in range(1, r.completion_tokens) for _ in range(layers))
     assert sorted(calls) == want
+
+
+@pytest.mark.parametrize("quantize", ["int8:int8dot/int8dot/int8dot/attend", "int4:int4dot/int4dot/int4dot/attend"])
+def test_a_sequence_decoding_alone_in_the_batch_takes_the_fused_step_as_the_single_engine(
+    tiny_model, cache, quantize, monkeypatch
+):
+    """One sequence alone (a lone client of ``rinna serve``): each decode step's attention half is decode.c's one call
+    per layer, at the token the step writes, as ``rinna ask`` takes it, and the ids are the single engine's."""
+    local = _load(tiny_model, quantize, cache)
+    tokens: list = []
+    real = native.Library.decode_attention
+    monkeypatch.setattr(native.Library, "decode_attention", lambda self, *a: tokens.append(a[6]) or real(self, *a))
+    engine = BatchingEngine.wrap(local, parallel=2)
+    prompt = local.tokenizer.encode(TINY_CORPUS[0])
+    sampling = Sampling(0.0, 1.0, 0, 1.0, 8, 0)
+    reply = engine.generate(prompt, sampling)
+    engine.close()
+    layers = local.model.config.num_hidden_layers
+    assert reply.completion_tokens > 1
+    assert tokens == [len(prompt) + i for i in range(reply.completion_tokens - 1) for _ in range(layers)]
+    assert reply.ids == _alone(local, prompt, sampling).ids
 
 
 @pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
