@@ -125,15 +125,15 @@ def fused(layer, normed, cos, sin, keys, values, tokens: int, hidden_states):
     ):
         return None
     qkv_weights, dense_weights = qkv.native_weights(), dense.native_weights()
-    if (
-        qkv_weights is None
-        or dense_weights is None
-        or not native.fusable(normed, qkv_weights, cos, sin, keys, values, dense_weights, hidden_states)
-    ):
+    if qkv_weights is None or dense_weights is None:
         return None
-    return native.library().decode_attention(
+    step = native.AttentionStep(
         normed, qkv_weights, cos, sin, keys, values, tokens, dense_weights, hidden_states, attention.scaling
     )
+    try:
+        return native.library().decode_attention(step)
+    except ValueError:  # not what decode.c takes (AttentionStep.fusable): the operations one by one
+        return None
 
 
 def use(model, implementation: str) -> None:

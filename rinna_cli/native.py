@@ -147,37 +147,48 @@ class Weights(NamedTuple):
         )
 
 
-def fusable(
-    x: torch.Tensor,
-    qkv: Weights,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    dense: Weights,
-    residual: torch.Tensor,
-) -> bool:
-    """What ``decode_attention`` takes: rows ``x`` and ``residual`` of ``heads * size`` values, ``cos`` and ``sin`` of
-    ``size``, all contiguous, the cache's ``keys`` and ``values`` (1, heads, room, size) views of any strides but along
-    ``size``, all float32 or all bfloat16 on the CPU; ``qkv`` of ``3 * heads * size`` outputs, ``dense`` square."""
-    if keys.dim() != 4 or keys.shape != values.shape:
-        return False
-    heads, size = keys.shape[1], keys.shape[3]
-    width, dtype = heads * size, x.dtype
-    return (
-        dtype in FINISHED
-        and dtype == residual.dtype == cos.dtype == sin.dtype == keys.dtype == values.dtype
-        and x.numel() == residual.numel() == width
-        and cos.numel() == sin.numel() == size
-        and all(t.is_contiguous() for t in (x, residual, cos, sin))
-        and keys.shape[0] == 1
-        and keys.stride(-1) == values.stride(-1) == 1
-        and 0 < size <= 1024
-        and size % 2 == 0
-        and qkv.takes(3 * width, width, dtype)
-        and dense.takes(width, width, dtype)
-        and x.device.type == keys.device.type == values.device.type == "cpu"
-    )
+class AttentionStep(NamedTuple):
+    """A GPT-NeoX layer's attention half for one decode row of one sequence, as ``decode.c`` takes it: ``x`` (the
+    layer-normed row) through ``qkv``, each head's query and key rotated by ``cos`` and ``sin`` (the row's position),
+    key and value written into the cache's ``keys`` and ``values`` (1, heads, room, size) at token ``tokens``,
+    attention over the ``tokens + 1`` tokens (``scale``), then ``dense`` plus ``residual``."""
+
+    x: torch.Tensor
+    qkv: Weights
+    cos: torch.Tensor
+    sin: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    tokens: int
+    dense: Weights
+    residual: torch.Tensor
+    scale: float
+
+    def fusable(self) -> bool:
+        """Whether ``decode_attention`` takes it: rows ``x`` and ``residual`` of ``heads * size`` values, ``cos`` and
+        ``sin`` of ``size``, all contiguous, ``keys`` and ``values`` views of any strides but along ``size`` with room
+        for the token, all float32 or all bfloat16 on the CPU; ``qkv`` of ``3 * heads * size`` outputs, ``dense``
+        square, both weights the kernels read as they are."""
+        x, keys, values, residual, cos, sin = self.x, self.keys, self.values, self.residual, self.cos, self.sin
+        if keys.dim() != 4 or keys.shape != values.shape:
+            return False
+        heads, size = keys.shape[1], keys.shape[3]
+        width, dtype = heads * size, x.dtype
+        return (
+            dtype in FINISHED
+            and dtype == residual.dtype == cos.dtype == sin.dtype == keys.dtype == values.dtype
+            and x.numel() == residual.numel() == width
+            and cos.numel() == sin.numel() == size
+            and all(t.is_contiguous() for t in (x, residual, cos, sin))
+            and keys.shape[0] == 1
+            and keys.stride(-1) == values.stride(-1) == 1
+            and 0 <= self.tokens < keys.shape[2]
+            and 0 < size <= 1024
+            and size % 2 == 0
+            and self.qkv.takes(3 * width, width, dtype)
+            and self.dense.takes(width, width, dtype)
+            and x.device.type == keys.device.type == values.device.type == "cpu"
+        )
 
 
 def attendable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
@@ -287,38 +298,21 @@ class Library:
             raise MemoryError("the native attention could not allocate its scores")
         return out
 
-    def decode_attention(
-        self,
-        x: torch.Tensor,
-        qkv: Weights,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        tokens: int,
-        dense: Weights,
-        residual: torch.Tensor,
-        scale: float,
-    ) -> torch.Tensor:
-        """A GPT-NeoX layer's attention half for one decode step of one sequence (``decode.c``): ``x`` (its
-        layer-normed row) through ``qkv``, each head's query and key rotated by ``cos`` and ``sin`` (one position),
-        key and value written into ``keys`` and ``values`` (1, heads, room, size) at token ``tokens``, attention over
-        the ``tokens + 1`` tokens, then ``dense`` plus ``residual``. What :func:`fusable` takes; the bits of those
-        steps in torch."""
-        heads, size = keys.shape[1], keys.shape[3]
-        if not 0 <= tokens < keys.shape[2]:
-            raise ValueError(f"no room in the cache for token {tokens} (it holds {keys.shape[2]})")
+    def decode_attention(self, step: AttentionStep) -> torch.Tensor:
+        """``step`` in one call (``decode.c``), with the bits of its operations in torch; what
+        :meth:`AttentionStep.fusable` refuses raises ValueError."""
+        if not step.fusable():
+            raise ValueError("the native decode step takes one float32 or bfloat16 row and a cache with room for it")
+        x, qkv, keys, values, dense, residual = step.x, step.qkv, step.keys, step.values, step.dense, step.residual
         out = torch.empty_like(residual)
         failed = self._lib.rinna_decode_attention(
             x.data_ptr(), FINISHED[x.dtype], qkv.weight.data_ptr(), qkv.scales.data_ptr(), qkv.group,
-            qkv.bias_pointer(), cos.data_ptr(), sin.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.stride(1),
-            keys.stride(2), values.stride(1), values.stride(2), tokens, dense.weight.data_ptr(),
-            dense.scales.data_ptr(), dense.group, dense.bias_pointer(), residual.data_ptr(), out.data_ptr(), heads,
-            size, scale, torch.get_num_threads(),
+            qkv.bias_pointer(), step.cos.data_ptr(), step.sin.data_ptr(), keys.data_ptr(), values.data_ptr(),
+            keys.stride(1), keys.stride(2), values.stride(1), values.stride(2), step.tokens, dense.weight.data_ptr(),
+            dense.scales.data_ptr(), dense.group, dense.bias_pointer(), residual.data_ptr(), out.data_ptr(),
+            keys.shape[1], keys.shape[3], step.scale, torch.get_num_threads(),
         )  # fmt: skip
-        if failed == 2:  # :func:`fusable` refuses what the kernels refuse
-            raise ValueError("the native decode step's kernels refused its operands")
-        if failed:
+        if failed:  # 2 (a kernel refused its shapes) is refused above
             raise MemoryError("the native decode step could not allocate its rows")
         return out
 

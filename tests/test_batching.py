@@ -161,7 +161,7 @@ def test_a_sequence_decoding_alone_in_the_batch_takes_the_fused_step_as_the_sing
     local = _load(tiny_model, quantize, cache)
     tokens: list = []
     real = native.Library.decode_attention
-    monkeypatch.setattr(native.Library, "decode_attention", lambda self, *a: tokens.append(a[6]) or real(self, *a))
+    monkeypatch.setattr(native.Library, "decode_attention", lambda self, step: tokens.append(step.tokens) or real(self, step))
     engine = BatchingEngine.wrap(local, parallel=2)
     prompt = local.tokenizer.encode(TINY_CORPUS[0])
     sampling = Sampling(0.0, 1.0, 0, 1.0, 8, 0)

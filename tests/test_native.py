@@ -191,7 +191,9 @@ def test_decode_attention_on_every_path_has_the_bits_of_the_steps_it_fuses(path)
             cos, sin = angles.cos().to(dtype)[None, None], angles.sin().to(dtype)[None, None]
             keys, values = (torch.randn(1, heads, room, size).to(dtype) for _ in range(2))
             before = keys.clone(), values.clone()
-            got = library.decode_attention(x, qkv, cos, sin, keys, values, tokens, dense, residual, 0.3)
+            got = library.decode_attention(
+                native.AttentionStep(x, qkv, cos, sin, keys, values, tokens, dense, residual, 0.3)
+            )
 
             heads_qkv = linear(x, qkv, dtype).view(1, 1, heads, 3 * size).transpose(1, 2)
             rotated = rotate(heads_qkv[..., : 2 * size].unflatten(-1, (2, size)), cos[:, :, None], sin[:, :, None])
@@ -206,9 +208,9 @@ def test_decode_attention_on_every_path_has_the_bits_of_the_steps_it_fuses(path)
 
 
 def test_what_decode_attention_cannot_take_is_refused_before_any_kernel_runs(built):
-    """``fusable`` says no (the layer then takes its operations one by one) to weights the kernels cannot read, a cache
-    that is not (1, heads, room, size) and rows of another dtype; ``decode_attention`` refuses a token beyond the
-    cache's room instead of writing past it."""
+    """A step decode.c cannot take (weights the kernels cannot read, a cache that is not (1, heads, room, size) or
+    has no room for the token, rows of another dtype) is refused with ValueError, nothing written: the layer then
+    takes its operations one by one."""
     library = built["native"]
     heads, size = 2, 64
     width = heads * size
@@ -217,21 +219,26 @@ def test_what_decode_attention_cannot_take_is_refused_before_any_kernel_runs(bui
     dense = native.Weights(*int8.quantize_weight(torch.randn(width, width)), 0, torch.zeros(width))
     x, cos = torch.randn(1, 1, width), torch.ones(1, 1, size)
     keys = torch.zeros(1, heads, 4, size)
-    assert native.fusable(x, qkv, cos, cos, keys, keys.clone(), dense, x)
+    step = native.AttentionStep(x, qkv, cos, cos, keys, keys.clone(), 3, dense, x, 0.1)
+    assert step.fusable() and library.decode_attention(step).shape == x.shape
     tensors = int4.quantize_weight(torch.randn(3 * width, width), 64)
     refused = {
-        "a short bias": (x, qkv._replace(bias=torch.zeros(5)), keys, x),
-        "int4 codes in groups of 96": (x, native.Weights(tensors["weight"], tensors["scales_zeros"], 96, None), keys, x),
-        "int8 weights read as int4": (x, qkv._replace(group=64), keys, x),
-        "a cache of three dimensions": (x, qkv, keys[0], x),
-        "two sequences' cache": (x, qkv, torch.zeros(2, heads, 4, size), x),
-        "bfloat16 rows": (x.bfloat16(), qkv, keys, x),
-        "a strided row": (torch.randn(1, 1, 2 * width)[..., ::2], qkv, keys, x),
+        "a short bias": {"qkv": qkv._replace(bias=torch.zeros(5))},
+        "int4 codes in groups of 96": {"qkv": native.Weights(tensors["weight"], tensors["scales_zeros"], 96, None)},
+        "int8 weights read as int4": {"qkv": qkv._replace(group=64)},
+        "a cache of three dimensions": {"keys": keys[0], "values": keys[0].clone()},
+        "two sequences' cache": {"keys": torch.zeros(2, heads, 4, size), "values": torch.zeros(2, heads, 4, size)},
+        "no room for the token": {"tokens": 4},
+        "bfloat16 rows": {"x": x.bfloat16()},
+        "a strided row": {"x": torch.randn(1, 1, 2 * width)[..., ::2]},
     }
-    for case, (rows, weights, cache, residual) in refused.items():
-        assert not native.fusable(rows, weights, cos, cos, cache, cache.clone(), dense, residual), case
-    with pytest.raises(ValueError, match="no room in the cache for token 4"):
-        library.decode_attention(x, qkv, cos, cos, keys, keys.clone(), 4, dense, x, 0.1)
+    for case, change in refused.items():
+        wrong = step._replace(**change)
+        before = wrong.keys.clone()
+        assert not wrong.fusable(), case
+        with pytest.raises(ValueError, match="takes one float32 or bfloat16 row and a cache with room for it"):
+            library.decode_attention(wrong)
+        assert torch.equal(wrong.keys, before), case
 
 
 def test_attend_refuses_what_is_not_one_query_per_head(built):
