@@ -165,3 +165,40 @@ def test_a_decode_step_on_rinna_clis_kernels_takes_one_native_call_for_attention
         assert torch.equal(_decode(model, prompt, 9), one_call) and fused == []
     if kind == "int8":  # int_mm gives int8dot's bits through torch's kernel: transformers' operations, no fused call
         assert torch.equal(_decode(_quantized_model(kind, dtype, "int_mm"), prompt, 9), one_call) and fused == []
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("activation", ["float32", "bfloat16"])
+def test_the_engines_fused_decode_steps_give_the_memorized_replies(
+    memorized_model, tmp_path, monkeypatch, scheme, activation
+):
+    """``rinna ask``/``chat``'s engine, its decode steps through decode.c (a chat's later turns reuse and crop the
+    cache): every memorized reply exactly."""
+    from transformers import AutoConfig
+
+    from rinna_cli import kernels
+    from rinna_cli.contract import Sampling
+    from rinna_cli.engine import Engine
+    from rinna_cli.quantized import load_quantized
+    from rinna_cli.session import Conversation
+    from rinna_cli.tokenizer import Tokenizer
+    from tests.fixtures.memorized_data import CONVERSATIONS
+
+    steps: list = []
+    real = native.Library.decode_attention
+    monkeypatch.setattr(native.Library, "decode_attention", lambda self, step: steps.append(step.tokens) or real(self, step))
+    chosen = {"int8": ("int8dot",) * 3} | ({"int4": ("int4dot",) * 3} if scheme == "int4" else {})
+    files = sorted(memorized_model.glob("*.safetensors"))
+    plan = kernels.Plan(chosen, activation, attention="attend")
+    model, _ = load_quantized(memorized_model, files, AutoConfig.from_pretrained(memorized_model), tmp_path, scheme,
+                              plan=plan)  # fmt: skip
+    tokenizer = Tokenizer.from_folder(memorized_model)
+    engine = Engine(model, tokenizer, "memorized", 2048)
+    for turns in CONVERSATIONS:
+        conversation = Conversation(tokenizer)
+        for question, answer in turns:
+            conversation.add_user(question)
+            reply = engine.generate(conversation.prompt_ids(), Sampling(0.0, 1.0, 0, 1.0, 96, 0))
+            assert reply.text == answer, (scheme, activation, question)
+            conversation.add_reply(reply.text, reply.ids)
+    assert len(steps) > 100
