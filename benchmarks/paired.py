@@ -4,9 +4,9 @@
 decode.c's fused attention half; ``--against-build OLD.so`` times the kernels of another build of rinna-cli's C
 sources against this checkout's (e.g. this checkout's ``rinna_cli/*.c`` and ``native.h`` copied into ``old/``, then
 ``git show REV:rinna_cli/int4dot.c > old/int4dot.c`` and ``cc -O3 -march=native -fopenmp -shared -fPIC old/*.c -o
-old.so``). Each round prefills 50 tokens
-and times ``--steps`` decode steps of A then of B (median per round); the host's noise falls on both alike, which
-separate runs of ``benchmarks/cpu.py`` cannot promise. Also says whether A and B gave the same logits.
+old.so``). Each round prefills ``--context`` tokens (50) and times ``--steps`` decode steps of A then of B (median
+per round); the host's noise falls on both alike, which separate runs of ``benchmarks/cpu.py`` cannot promise. Also
+says whether A and B gave the same logits (a change to ``attend.c`` changes its sums' order, so not the same bits).
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from rinna_cli.engine import Engine, _GrowingCache  # noqa: E402
 from rinna_cli.tokenizer import Tokenizer  # noqa: E402
 
 
-def steps(model, count: int) -> tuple[float, torch.Tensor]:
-    """The median time of ``count`` greedy decode steps after a 50-token prompt, and their logits."""
+def steps(model, count: int, context: int) -> tuple[float, torch.Tensor]:
+    """The median time of ``count`` greedy decode steps after a prompt of ``context`` tokens, and their logits."""
     cache, times, logits = _GrowingCache(), [], []
-    out = model(torch.tensor([list(range(100, 150))]), cache=cache, use_cache=True)
+    out = model(torch.tensor([[100 + i % 1000 for i in range(context)]]), cache=cache, use_cache=True)
     for _ in range(count):
         began = time.perf_counter()
         out = model(out.logits[:, -1].argmax(-1, keepdim=True), cache=cache, use_cache=True)
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--scheme", default="int4", choices=("int8", "int4"))
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--context", type=int, default=50, help="prompt tokens before the decode steps")
     against = parser.add_mutually_exclusive_group(required=True)
     against.add_argument("--against-unfused", action="store_true", help="A: DecodeLayer without decode.c")
     against.add_argument("--against-build", type=Path, help="A: the kernels of this shared library")
@@ -60,7 +61,7 @@ def main() -> None:
                 native.library = (lambda: old) if name == "A" else (lambda: current)
                 unfused = name == "A" and args.against_unfused
                 attention.DecodeLayer._fused = (lambda *_: None) if unfused else fused
-                median, seen[name] = steps(engine.model, args.steps)
+                median, seen[name] = steps(engine.model, args.steps, args.context)
                 medians[name].append(median)
             same = torch.equal(seen["A"], seen["B"])
             print(f"A {medians['A'][-1] * 1e3:.1f} ms, B {medians['B'][-1] * 1e3:.1f} ms a step; same logits: {same}")

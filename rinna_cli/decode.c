@@ -48,12 +48,21 @@ SEPARATE_PRODUCTS static void rotate(const void *x, const void *cos, const void 
 #if defined(__clang__)
 #pragma clang fp contract(off)
 #endif
-    const int half = S / 2;
-    for (int d = 0; d < S; d++) {
-        float v = widen(x, (size_t)d, bf16), turned = d < half ? -widen(x, (size_t)(d + half), bf16)
-                                                               : widen(x, (size_t)(d - half), bf16);
-        float a = stored(v * widen(cos, (size_t)d, bf16), bf16), b = stored(turned * widen(sin, (size_t)d, bf16), bf16);
-        put(out, at_out + d, a + b, bf16);
+    const int half = S / 2; /* the halves apart and each dtype on its own: loops the compiler vectorizes */
+    if (bf16) {
+        const uint16_t *v = x, *c = cos, *s = sin;
+        uint16_t *o = (uint16_t *)out + at_out;
+        for (int d = 0; d < half; d++)
+            o[d] = to_bf16(stored(from_bf16(v[d]) * from_bf16(c[d]), 1) +
+                           stored(-from_bf16(v[d + half]) * from_bf16(s[d]), 1));
+        for (int d = half; d < S; d++)
+            o[d] = to_bf16(stored(from_bf16(v[d]) * from_bf16(c[d]), 1) +
+                           stored(from_bf16(v[d - half]) * from_bf16(s[d]), 1));
+    } else {
+        const float *v = x, *c = cos, *s = sin;
+        float *o = (float *)out + at_out;
+        for (int d = 0; d < half; d++) o[d] = v[d] * c[d] + -v[d + half] * s[d];
+        for (int d = half; d < S; d++) o[d] = v[d] * c[d] + v[d - half] * s[d];
     }
 }
 
@@ -74,7 +83,7 @@ int rinna_decode_attention(const void *x, int bf16, const void *qkv_w, const voi
         const char *head = (const char *)qkv + bytes * (size_t)h * 3 * S;
         rotate(head, cos, sin, query, (size_t)h * S, S, bf16);
         rotate(head + bytes * S, cos, sin, keys, (size_t)h * khs + (size_t)T * kts, S, bf16);
-        for (int d = 0; d < S; d++) put(values, (size_t)h * vhs + (size_t)T * vts + d, widen(head, 2 * S + d, bf16), bf16);
+        memcpy((char *)values + bytes * ((size_t)h * vhs + (size_t)T * vts), head + bytes * 2 * S, bytes * S);
     }
     if (!failed) failed = rinna_attend(query, keys, values, context, H, T + 1, S, S, khs, kts, vhs, vts, scale, bf16,
                                        threads);

@@ -4,6 +4,7 @@ none without a compiler."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -139,7 +140,10 @@ def test_attend_on_every_path_is_one_querys_attention_over_a_cache_in_a_larger_b
     march, library = path
     torch.manual_seed(5)
     for dtype in (torch.float32, torch.bfloat16):
-        for heads, size, tokens in [(4, 16, 1), (3, 80, 5), (32, 80, 77), (2, 64, 600)]:
+        # head sizes with and without a partial vector of values (or pairs of bfloat16 values) on both vector paths,
+        # an odd one, and more than four vectors of them
+        for heads, size, tokens in [(4, 16, 1), (3, 80, 5), (32, 88, 77), (2, 64, 600), (2, 256, 40), (3, 20, 9),
+                                    (2, 7, 30)]:  # fmt: skip
             room = tokens + 13  # the cache is a view of the first tokens of its buffer, as the engine's grows
             keys, values = (torch.randn(1, heads, room, size).to(dtype) * 3 for _ in range(2))
             qkv = torch.randn(1, 1, heads, 3 * size).to(dtype).transpose(1, 2)  # a query as transformers slices it
@@ -155,7 +159,11 @@ def test_attend_on_every_path_is_one_querys_attention_over_a_cache_in_a_larger_b
                     (got.double() - want).abs() <= want.abs() * 2**-8 + 1e-6
                 ).all(), (march, heads, size, tokens)
             assert torch.equal(library.attend(query.contiguous(), k.contiguous(), v.contiguous(), size**-0.5), got)
-    # one token attends to itself only; a huge score does not overflow the softmax
+    # one token attends to itself only; a huge score does not overflow the softmax, nor do scores far below zero
+    # vanish (the largest is subtracted, not 0)
+    far = library.attend(torch.tensor([[[[10.0, 0.0]]]]), torch.tensor([[[[-100.0, 0.0], [-100.1, 0.0]]]]),
+                         torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]]]), 1.0)  # fmt: skip
+    assert torch.allclose(far, torch.tensor([[[[1 / (1 + math.exp(-1)), 1 / (1 + math.exp(1))]]]]), atol=1e-6)
     k = torch.tensor([[[[1e4, 0.0]]]])
     assert library.attend(torch.tensor([[[[1e4, 0.0]]]]), k, torch.tensor([[[[2.0, 3.0]]]]), 1.0).tolist() == [[[[2.0, 3.0]]]]
 
