@@ -28,7 +28,7 @@ def tokenize(env: Environment, settings: config.Settings, text: str | None, json
             raise UsageError("no text: pass it as an argument or on standard input")
         text = _piped_text(env, 1 << 24)
         text = text[:-2] if text.endswith("\r\n") else text.removesuffix("\n")
-    _, tokenizer = tokenizer_of(settings)
+    _, tokenizer = tokenizer_of(settings, generating=False)
     text = encode_newlines(text)
     ids = tokenizer.encode(text)
     pieces = tokenizer.pieces(ids)

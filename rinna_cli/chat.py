@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import threading
 import time
@@ -105,7 +106,12 @@ def list_sessions(env: Environment, limit: int = 20) -> int:
 def resume_target(resume: bool, session: str | None) -> str | None:
     """What ``rinna chat [--resume] [N|ID]`` asks to continue: None (a new chat), "" (the last one), N or an id."""
     if session is not None and not resume:
-        raise UsageError(f"to continue session {session!r}, add --resume: rinna chat --resume {session}")
+        if session[:1].isdigit() and set(session) <= set("0123456789-"):  # a number or (the start of) a session's id
+            raise UsageError(f"to continue session {session!r}, add --resume: rinna chat --resume {session}")
+        raise UsageError(
+            "rinna chat takes no message: type it at its prompt, pipe it in (echo 質問 | rinna chat), "
+            f"or ask once: rinna ask {shlex.quote(session)}"
+        )
     return (session or "") if resume else None
 
 
@@ -146,18 +152,24 @@ def chat(
         notice(
             f"{settings.model} on {placement(engine)} · Alt+Enter for a new line · /help for commands · Ctrl-D to quit"
         )
+    copied = -1  # the log's records once a resumed or loaded conversation is copied into it
     if loaded:
         session.replace(loaded)
+        copied = log.records
         notice(f"continuing {len(loaded.turns)} turns from {resumed or load}")
         if given is not None:
             session.adopt(loaded.settings, keep=given)
         if env.stdin_isatty and view.console is not None:  # never into a redirected stdout
             show_last_exchange(session)
-    with _sigterm_exits():
-        if not env.stdin_isatty:
-            return run_piped(session, env.stdin.buffer if env.stdin is not None else [])
-        history_file = config.app_dir() / "history"
-        history = history_file if _writable(history_file) else None
-        if history is None:
-            env.warn(f"cannot write the input history {history_file}; it is kept in memory only")
-        return run_terminal(session, history, env)
+    try:
+        with _sigterm_exits():
+            if not env.stdin_isatty:
+                return run_piped(session, env.stdin.buffer if env.stdin is not None else [])
+            history_file = config.app_dir() / "history"
+            history = history_file if _writable(history_file) else None
+            if history is None:
+                env.warn(f"cannot write the input history {history_file}; it is kept in memory only")
+            return run_terminal(session, history, env)
+    finally:
+        if log.records == copied:  # nothing said, undone or reset since: the original stays the one to resume
+            log.discard()

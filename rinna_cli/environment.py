@@ -8,6 +8,7 @@ engine from ``open_engine``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from contextlib import nullcontext
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Mapping, Protocol, TextIO
 
 from rinna_cli import hub
 from rinna_cli.inputs import escaped
+from rinna_cli.interrupt import in_a_daemon_thread
 from rinna_cli.render import err_console, escape_controls, is_tty, warn as print_warning
 from rinna_cli.tokenizer import Tokenizer
 
@@ -39,9 +41,10 @@ def load_engine(env: Environment, settings: Settings, tokenizer: Tokenizer) -> E
     folder = hub.locate(settings.model, weights=True)
     status = env.errors().status(f"Loading {settings.model} …") if env.stderr_isatty else None
     with status or nullcontext():
-        from rinna_cli.engine import Engine as LocalEngine
-
-        return LocalEngine.load(
+        # torch's import (a second or more) on a thread of its own: a Ctrl-C during it reached torch's C code,
+        # which swallowed it or failed with a misleading error, where the main thread now just stops waiting
+        engine = in_a_daemon_thread(lambda: importlib.import_module("rinna_cli.engine"), "rinna-import")
+        return engine.Engine.load(
             folder,
             settings.model,
             tokenizer,
@@ -61,9 +64,10 @@ def open_engine(env: Environment, settings: Settings, tokenizer: Tokenizer, wind
     return connect(settings, tokenizer, window, environ=env.environ, warn=env.warn)
 
 
-def tokenizer_of(settings: Settings) -> tuple[Path, Tokenizer]:
-    """The model's folder (its tokenizer files at least) and its tokenizer."""
-    folder = hub.locate(settings.model)
+def tokenizer_of(settings: Settings, generating: bool = True) -> tuple[Path, Tokenizer]:
+    """The model's folder (its tokenizer files at least) and its tokenizer; ``generating`` here (not on a server, nor
+    just tokenizing) for the advice when it is missing."""
+    folder = hub.locate(settings.model, generating=generating and not settings.endpoint)
     return folder, Tokenizer.from_folder(folder)
 
 

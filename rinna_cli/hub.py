@@ -54,8 +54,9 @@ def _is_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
 
 
-def locate(name: str, weights: bool = False) -> Path:
-    """The local folder holding ``name``'s tokenizer and config (and weights if asked)."""
+def locate(name: str, weights: bool = False, generating: bool = True) -> Path:
+    """The local folder holding ``name``'s tokenizer and config (and weights if asked); ``generating`` False where
+    only the tokenizer is the point (``rinna tokenize``, a server generating), for the advice when it is missing."""
     name = expand(name)
     if _is_path(name):
         folder = Path(name).expanduser()
@@ -74,16 +75,16 @@ def locate(name: str, weights: bool = False) -> Path:
             f"unknown model {name!r}; {hint}--model takes an alias ({', '.join(ALIASES)}), "
             "a hub id such as rinna/japanese-gpt-neox-3.6b-instruction-sft, or a model folder"
         )
-    return _from_hub(name, weights)
+    return _from_hub(name, weights, generating)
 
 
-def _from_hub(repo_id: str, weights: bool) -> Path:
+def _from_hub(repo_id: str, weights: bool, generating: bool = True) -> Path:
     from huggingface_hub import constants
 
     files = [*TOKENIZER_FILES, CONFIG]
     listing = None if constants.HF_HUB_OFFLINE else _listing(repo_id)
     if listing is None:  # offline, or the hub did not answer: the cache decides
-        folder = _from_cache(repo_id, files + list(SAFETENSORS) if weights else files)
+        folder = _from_cache(repo_id, files + list(SAFETENSORS) if weights else files, generating)
         if weights and not any(folder.glob("*.safetensors")):
             folder = _from_cache(repo_id, files + list(PICKLE))
         if weights and not _weight_files(folder):
@@ -170,18 +171,23 @@ def _announce(repo_id: str, n_bytes: int | None) -> None:
     )  # fmt: skip
 
 
-def _not_cached(repo_id: str, what: str = "it is") -> str:
+def _not_cached(repo_id: str, what: str = "it is", generating: bool = True) -> str:
     from huggingface_hub import constants
 
     why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) cannot be reached"
     demo = DEMO_MODEL if DEMO_MODEL.is_dir() else "tests/fixtures/memorized (in rinna-cli's source)"
+    if not generating:
+        return (
+            f"{repo_id}: its tokenizer is not in the local Hugging Face cache and {why}; give --model a local folder "
+            f"holding it (spiece.model and config.json), or try the demo model: --model {demo}"
+        )
     return (
         f"{repo_id}: {what} not in the local Hugging Face cache and {why}; without a download, generate on a "
         f"server with --endpoint URL (and --model a local folder holding its tokenizer), or try the demo model: --model {demo}"
     )
 
 
-def _from_cache(repo_id: str, patterns: list[str]) -> Path:
+def _from_cache(repo_id: str, patterns: list[str], generating: bool = True) -> Path:
     """Offline, or the hub did not list the repo: huggingface_hub's snapshot logic decides.
 
     It returns the cached snapshot (checked complete where it knows the repo's files), or raises
@@ -189,7 +195,7 @@ def _from_cache(repo_id: str, patterns: list[str]) -> Path:
     """
     from huggingface_hub import snapshot_download
 
-    with _hub_errors(repo_id):
+    with _hub_errors(repo_id, generating):
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
 
 
@@ -248,14 +254,14 @@ def _fetch(repo_id: str, name: str) -> str:
 
 
 @contextmanager
-def _hub_errors(repo_id: str) -> Iterator[None]:
+def _hub_errors(repo_id: str, generating: bool = True) -> Iterator[None]:
     """huggingface_hub's exceptions as one-line :class:`ModelError` messages."""
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         yield
     except LocalEntryNotFoundError:
-        raise ModelError(_not_cached(repo_id)) from None
+        raise ModelError(_not_cached(repo_id, generating=generating)) from None
     except (RepositoryNotFoundError, GatedRepoError):
         raise ModelError(f"{repo_id}: no such model on the Hugging Face hub (or it needs a login)") from None
     except HfHubHTTPError as err:

@@ -124,10 +124,11 @@ class Chat:
                 self.error(str(err), err.exit_code)
             return
         if start > self.start:
-            self.notice(
-                f"context full: the {start} oldest turns are left out of the prompt from now on "
-                "(they stay in /history and in saved files)"
-            )
+            if self.start == 0:  # told once: in a long chat every exchange leaves out another
+                self.notice(
+                    f"context full: the {start} oldest turns are left out of the prompt from now on, more as the "
+                    "chat goes on (they stay in /history and in saved files)"
+                )
             self.start = start
         stop = threading.Event()
         streamed: list[str] = []

@@ -35,6 +35,7 @@ class SessionLog:
         self.path = path
         self.warn = warn
         self.failed = False
+        self.records = 0  # written so far
 
     @classmethod
     def create(cls, folder: Path, warn, header: dict) -> SessionLog:
@@ -95,8 +96,13 @@ class SessionLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self.records += 1
         except OSError as err:
             self._fail(err)
+
+    def discard(self) -> None:
+        """Remove the log (a copy of a resumed chat that gained nothing, which would only repeat it in the list)."""
+        self.path.unlink(missing_ok=True)
 
     def turn(self, turn: Turn, settings: dict) -> None:
         self.append({"type": "turn", **_turn_record(turn), "ids": turn.ids, "settings": settings})

@@ -1,7 +1,8 @@
 """The chat on a terminal: prompt_toolkit's prompt and history, keys held back while a reply streams.
 
 :func:`run_terminal` drives a :class:`~rinna_cli.repl.Chat`; keys typed during a reply are
-not echoed into it (the terminal's echo is off) and come back in the next prompt.
+not echoed into it (the terminal's echo is off): the lines Enter ended are sent when it is done, as if typed then,
+and the line in progress comes back in the next prompt.
 """
 
 from __future__ import annotations
@@ -48,25 +49,36 @@ def _history(path: Path, warn: Callable[[str], None]):
 
 # What typed-ahead keys may bring besides text: escape sequences (arrows, function keys) and controls.
 _KEY_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[ -/]*[@-~]|O.|.)?")
+_ALT_ENTER = "\x1e"  # Esc Enter (a new line within a message) while the escapes are taken out
 
 
-def _typed_text(data: bytes) -> str:
-    """The text that typed-ahead bytes spell: Backspace applied, Enter a newline, other keys dropped."""
-    text: list[str] = []
-    for char in _KEY_ESCAPE.sub("", data.decode("utf-8", "ignore")).replace("\r", "\n"):
+def _typed_ahead(data: bytes) -> tuple[list[str], str]:
+    """What typed-ahead bytes spell: the lines Enter ended, to be sent in order as if typed at the prompt (Esc
+    Enter a new line within one; blank ones dropped), and the line still being typed, for the next prompt.
+    Backspace applied, other keys dropped."""
+    typed = data.decode("utf-8", "ignore").replace("\x1b\r", _ALT_ENTER).replace("\x1b\n", _ALT_ENTER)
+    lines: list[str] = []
+    line: list[str] = []
+    for char in _KEY_ESCAPE.sub("", typed):
         if char in "\x7f\b":
-            if text:
-                text.pop()
-        elif char == "\n" or escape_controls(char) == char:
-            text.append(char)
-    return "".join(text).strip("\n")
+            if line:
+                line.pop()
+        elif char in "\r\n":
+            if "".join(line).strip():
+                lines.append("".join(line))
+            line = []
+        elif char == _ALT_ENTER:
+            line.append("\n")
+        elif escape_controls(char) == char:
+            line.append(char)
+    return lines, "".join(line)
 
 
 @contextmanager
-def _keys_held(stdin: TextIO | None) -> Iterator[list[str]]:
+def _keys_held(stdin: TextIO | None) -> Iterator[list[tuple[list[str], str]]]:
     """While a reply streams the terminal neither echoes keys nor waits for Enter (Ctrl-C still
-    signals); what was typed meanwhile is read back at the end into the yielded list."""
-    typed: list[str] = []
+    signals); what was typed meanwhile is read back at the end into the yielded list (:func:`_typed_ahead`)."""
+    typed: list[tuple[list[str], str]] = []
     try:
         import termios
 
@@ -92,7 +104,7 @@ def _keys_held(stdin: TextIO | None) -> Iterator[list[str]]:
         except OSError:
             pass
         termios.tcsetattr(fd, termios.TCSANOW, saved)
-        typed.append(_typed_text(data))
+        typed.append(_typed_ahead(data))
 
 
 QUIT_HINT = "(Ctrl-D or /exit to quit)"
@@ -135,19 +147,28 @@ def run_terminal(chat: Chat, history_file: Path | None, env: Environment) -> int
         complete_while_typing=False,
     )
     label = f"{USER}: "
-    typed = ""
+    typed = ""  # typed during a reply: the line in progress, for the next prompt
+    queued: list[str] = []  # and the lines Enter ended then
     while True:
-        try:
-            line = session.prompt(
-                [("bold fg:ansigreen", label)], prompt_continuation=" " * cell_len(label), default=typed
-            )
-        except KeyboardInterrupt:
-            typed = ""
-            if not session.default_buffer.text:
-                chat.notice(QUIT_HINT)
-            continue
-        except EOFError:
-            return 0
+        if queued:  # sent as if typed at the prompt, one after another
+            line = queued.pop(0)
+            chat.view.label(USER, style="bold green")
+            chat.view.write(line)
+            chat.view.end(None, gap=False)
+            session.history.append_string(line)
+        else:
+            try:
+                line = session.prompt(
+                    [("bold fg:ansigreen", label)], prompt_continuation=" " * cell_len(label), default=typed
+                )
+                typed = ""
+            except KeyboardInterrupt:
+                typed = ""
+                if not session.default_buffer.text:
+                    chat.notice(QUIT_HINT)
+                continue
+            except EOFError:
+                return 0
         try:
             with _keys_held(env.stdin) as held:
                 if not chat.handle(line):
@@ -155,4 +176,10 @@ def run_terminal(chat: Chat, history_file: Path | None, env: Environment) -> int
         except KeyboardInterrupt:
             # Ctrl-C outside generation (while the prompt was being built or saved): back to the prompt.
             chat.notice("interrupted")
-        typed = held[-1] if held else ""
+        if held:  # typed after what came back earlier: it goes on the line in progress
+            lines, partial = held[-1]
+            if lines:
+                lines[0], typed = typed + lines[0], partial
+            else:
+                typed += partial
+            queued.extend(lines)

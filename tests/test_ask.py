@@ -951,3 +951,19 @@ def test_reply_on_a_terminal(slow):
     assert FOOD_A in output.replace("\r\n", "\n")
     assert all(char in output for char in BYTE_FALLBACK_CHARS)
     assert "\ufffd" not in output and "Traceback" not in output
+
+
+def test_ctrl_c_while_loading_exits_130_quietly(env, model):
+    """Ctrl-C as the spinner says it is loading (torch's import): the program ends at once with 130, no reply, no
+    error (torch's C start-up once swallowed the interrupt, or failed with "Could not import module …")."""
+    pexpect = pytest.importorskip("pexpect")
+    child = pexpect.spawn(
+        RINNA[0], [*RINNA[1:], "ask", "--model", model, "-t", "0", "世界で一番高い山は?"],
+        env=env, cwd=str(ROOT), dimensions=(24, 120), encoding="utf-8", timeout=60,
+    )  # fmt: skip
+    child.expect("Loading")
+    child.sendintr()
+    rest = child.read()
+    child.close()
+    assert child.exitstatus == 130, rest
+    assert "エベレスト" not in rest and "error" not in rest and "Traceback" not in rest, rest

@@ -206,14 +206,18 @@ def test_ctrl_c_stops_a_reply_and_keeps_it(chats, endless_model):
     child.send("こんにちは\r")
     child.expect_exact("システム: ")
     child.expect(r"[^\x1b\r\n]{12}")  # the reply is streaming
-    child.send("xyz")  # typed while it streams: not shown in the reply, kept for the next prompt
+    # typed while it streams, not shown in the reply: a line Enter ended is sent when the reply ends, as if typed
+    # then; the line in progress waits in the next prompt
+    child.send("/show\rxyz")
     time.sleep(0.3)
     child.send("\x03")
     child.expect_exact("[interrupted]")
     reply = child.before
-    assert "xyz" not in reply and "^C" not in reply
+    assert "xyz" not in reply and "show" not in reply and "^C" not in reply
     # the mark follows the text after one space, or starts a continuation line at the indent (reply ended in a newline)
     assert re.search(r"(?:\S |^ {10})$", plain(reply), re.M)
+    child.expect_exact("/show")
+    child.expect_exact("context used: ")  # /show's answer
     child.expect_exact(PROMPT)
     child.expect_exact("ユーザー: ")  # the REPL is back
     expect_typed(child, "xyz")

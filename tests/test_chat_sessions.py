@@ -141,6 +141,12 @@ def test_resume_by_number_or_id(memorized_model, engine, home):
     assert (code, out) == (0, "また続き。\n") and engine.prompt_text().startswith("ユーザー: 一<NL>")
     with pytest.raises(RinnaError, match="no session 'zzz' in"):
         piped(memorized_model, engine, "", resume="zzz")
+    # resumed with nothing to add (an empty pipe, Ctrl-D at once): no copy joins the list, the numbers stay
+    listed = [info.path for info in store.sessions(home / "sessions")]
+    code, out, err = piped(memorized_model, engine, "", resume="2")
+    assert (code, out) == (0, "") and "continuing" in err
+    assert typed(memorized_model, engine, "\x04", resume="1")[0] == 0
+    assert [info.path for info in store.sessions(home / "sessions")] == listed
 
 
 def test_piped_runs_are_marked_in_the_session_header(memorized_model, engine, home):
@@ -194,6 +200,13 @@ def test_resume_target():
     assert chat_command.resume_target(True, "2") == "2"
     with pytest.raises(UsageError, match=r"to continue session '2', add --resume: rinna chat --resume 2"):
         chat_command.resume_target(False, "2")
+    with pytest.raises(UsageError, match=r"to continue session '20261208-0030', add --resume"):
+        chat_command.resume_target(False, "20261208-0030")  # the start of a session's id
+    # a question given as chat's argument, as to ask: no session by that name is suggested
+    for question, quoted in (("世界で一番高い山は?", "'世界で一番高い山は?'"), ("hello", "hello")):
+        with pytest.raises(UsageError, match="rinna chat takes no message") as raised:
+            chat_command.resume_target(False, question)
+        assert str(raised.value).endswith(f"or ask once: rinna ask {quoted}") and "--resume" not in str(raised.value)
 
 
 def test_the_command_line_lists_sessions_and_resumes_by_number(memorized_model, engine, home):

@@ -187,6 +187,16 @@ def test_offline_and_not_cached_names_the_two_ways_without_a_download(hub, env):
         f"the demo model: --model {DEMO_MODEL}"
     )
     assert hub.requests == []
+    # where only the tokenizer is wanted (tokenizing; generating on a server) only a folder holding it is the way
+    tokenizer_only = (
+        "rinna: error: rinna/demo: its tokenizer is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+        f"give --model a local folder holding it (spiece.model and config.json), or try the demo model: --model {DEMO_MODEL}"
+    )
+    offline = dict(env, HF_HUB_OFFLINE="1")
+    assert one_error(rinna(offline, "tokenize", "--model", "rinna/demo", "吾輩"), 1) == tokenizer_only
+    endpoint = ("--endpoint", "http://127.0.0.1:9/v1")
+    assert one_error(rinna(offline, "ask", *endpoint, "--model", "rinna/demo", QUESTION), 1) == tokenizer_only
+    assert hub.requests == []
 
 
 def test_an_unreachable_hub_does_not_blame_hf_hub_offline(hub, env):

@@ -406,6 +406,10 @@ def test_queue_overflow_and_disconnect(servers):
     state = wait_for(lambda: (h := health(served))["completions"] >= before + 2 and h, "A and B done")
     interrupted = [r for r in state["recent"] if r["finish_reason"] == "interrupted"]
     assert interrupted and interrupted[-1]["completion_tokens"] < 3000  # of the 6000 asked for
+    # the access line of A's stream says so too, once its generation has stopped
+    line = wait_for(lambda: re.search(r"POST /v1/completions 200 \d+\.\d\d s, (\d+) \+ (\d+) tokens, interrupted$",
+                                      served.log.read_text(), re.M), "A's access line")  # fmt: skip
+    assert int(line[2]) == interrupted[-1]["completion_tokens"] and int(line[1]) == interrupted[-1]["prompt_tokens"]
 
     # A non-streamed request whose client disconnects stops too.
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)

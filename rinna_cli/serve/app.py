@@ -113,6 +113,7 @@ async def _events(job: Job, shapes: Shapes) -> AsyncIterator[str]:
     yield SSE_DONE
 
 
+SETTLE_S = 30.0  # the longest an access line waits for a stopped job to end
 JOB_KEY = "rinna.job"  # where a generating route leaves its job in the ASGI scope, for the access log
 
 
@@ -142,7 +143,21 @@ class AccessLog:
             status = status or [500]
             raise
         finally:
-            self.write(self.line(scope, status[0] if status else None, time.perf_counter() - started))
+            try:
+                await self._settled(scope.get(JOB_KEY))
+            finally:
+                self.write(self.line(scope, status[0] if status else None, time.perf_counter() - started))
+
+    @staticmethod
+    async def _settled(job: Job | None) -> None:
+        """Wait for a job its response left running (a stream whose client went away, stopped after the token it
+        is at), so that its line says how many tokens it made and that it was interrupted."""
+        if job is None or job.task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(job.task), SETTLE_S)
+        except Exception:  # noqa: BLE001 - the job's own failure is its line's, a timeout leaves the line as it is
+            pass
 
     @staticmethod
     def line(scope, status: int | None, seconds: float) -> str:
