@@ -372,4 +372,10 @@ def batch(env: Environment, settings: config.Settings, source: str | None, outpu
             close()
     if result.failed:
         env.warn(f"{result.failed} of {len(items)} lines failed (their rows hold the error)")
+    if result.interrupted:
+        done = result.written + result.skipped
+        where = f" in {output}; the same command again goes on with the rest" if output is not None else " written"
+        env.errors().print(
+            f"rinna: interrupted: {done} of {len(items)} rows{where}", markup=False, highlight=False, soft_wrap=True
+        )
     return result.exit_code

@@ -290,6 +290,10 @@ def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path
     assert process.returncode == (130 if how == "ctrl-c" else -signal.SIGKILL), stderr
     kept = _rows(out.read_text(encoding="utf-8"))
     assert out.read_bytes().endswith(b"\n") and 1 <= len(kept) < 8
+    if how == "ctrl-c":  # says how far it got and how to go on
+        assert stderr.decode().endswith(
+            f"rinna: interrupted: {len(kept)} of 8 rows in {out}; the same command again goes on with the rest\n"
+        ), stderr
     assert all(row["finish_reason"] in ("stop", "length") for row in kept)
     rerun = run_cli(*command[len(RINNA) :], stdin=None)  # the same command again (in this process)
     assert (rerun.code, rerun.stdout, rerun.stderr) == (0, "", "")
