@@ -87,11 +87,14 @@ def load_quantized(
             progress(f"removed {stale.name}, a cache of an earlier rinna-cli")
     if plan is None:
         progress("measuring the kernels (first start on this machine)")
+        probed = True  # every kernel had its trial (a probe that crashed or hung left the rest untried)
         if working is None:
-            working = kernels.probe_answer(probe or kernels.start_probe(), cache_dir)
+            probe = probe or kernels.start_probe()
+            working = kernels.probe_answer(probe, cache_dir)
+            probed = probe.returncode == 0
         plan = kernels.measure(loaded, scheme, working)
         try:
-            if plan.whole:  # else measured again next time
+            if plan.whole and probed:  # else measured (and probed) again next time
                 kernels.save_plan(plan_path, plan)
         except OSError:  # the weights are cached: a plan that cannot be saved is measured again next time
             pass

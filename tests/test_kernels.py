@@ -230,6 +230,20 @@ def test_a_plan_the_budget_cut_short_is_used_but_not_saved(memorized_model, tmp_
     assert plan.whole and len(list((tmp_path / "int8").glob("*.plan.json"))) == 1
 
 
+def test_a_plan_from_a_probe_that_did_not_end_is_used_but_not_saved(memorized_model, tmp_path, monkeypatch):
+    """A probe that crashed (or hung) never tried the kernels after the one it was at: the plan made without them is
+    measured again, with a new probe, at the next start."""
+    real = kernels.start_probe
+    crashing = [sys.executable, "-c", "import os; print('int8:int_mm:1', flush=True); os.abort()"]
+    monkeypatch.setattr(kernels, "start_probe", lambda: subprocess.Popen(crashing, stdout=subprocess.PIPE, text=True))
+    _, plan = load(memorized_model, tmp_path, plan=None)
+    assert plan.whole and plan.kernels["int8"] == ("int_mm", "int_mm", "int_mm") and plan.attention == "sdpa"
+    assert list((tmp_path / "int8").glob("*.plan.json")) == [] and kernels.cached_probe(tmp_path) is None
+    monkeypatch.setattr(kernels, "start_probe", real)
+    _, plan = load(memorized_model, tmp_path, plan=None)
+    assert "int8dot" in plan.kernels["int8"] and len(list((tmp_path / "int8").glob("*.plan.json"))) == 1
+
+
 def test_apply_sets_kernels_and_activation_dtype_but_keeps_weights_and_rotary(memorized_model, tmp_path):
     model, _ = load(memorized_model, tmp_path)
     kernels.apply(model, kernels.Plan({"int8": ("int8pack", "int8pack", "dequant")}, "bfloat16"))
