@@ -1,3 +1,3 @@
-from rinna_cli.cli import main
+from rinna_cli.entry import main
 
 main()

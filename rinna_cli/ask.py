@@ -116,7 +116,7 @@ def ask(
     env: Environment, settings: config.Settings, question: str | None, json_: bool, stats: bool, show_prompt: bool
 ) -> int:
     """Answer one question; the reply streams to stdout (plain text when piped). Returns the exit code."""
-    tokenizer, window = model_files(settings)
+    tokenizer, window = model_files(settings, generating=not show_prompt)  # --show-prompt loads no weights
     piped = None
     if question in (None, "-") or not env.stdin_isatty:
         if env.stdin_isatty:

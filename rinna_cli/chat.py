@@ -8,15 +8,16 @@ import signal
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Collection, Iterator
 
 from rich.cells import cell_len
 
-from rinna_cli import config, store
+from rinna_cli import config, hub, store
 from rinna_cli.contract import check_fits, placement
 from rinna_cli.environment import Environment, model_files
-from rinna_cli.errors import UsageError
+from rinna_cli.errors import RinnaError, UsageError
 from rinna_cli.render import ReplyView, escape_controls
 from rinna_cli.repl import Chat, run_piped
 from rinna_cli.terminal import run_terminal, show_last_exchange
@@ -87,6 +88,8 @@ def _clip(text: str, width: int) -> str:
 
 def list_sessions(env: Environment, limit: int = 20) -> int:
     """``rinna sessions``: the recent chats, newest first, numbered as ``--resume N`` takes them."""
+    if limit < 1:
+        raise UsageError(f"--limit {limit} is out of range; allowed: limit >= 1")
     folder = sessions_folder()
     listed = store.sessions(folder)
     if not listed:
@@ -132,11 +135,26 @@ def chat(
     which = "" if resume is True else resume if isinstance(resume, str) else None
     if which is not None and load:
         raise UsageError("--resume and --load cannot be used together")
-    tokenizer, window = model_files(settings)
-    check_fits(0, settings.max_new_tokens, window)
     sessions = sessions_folder()
     resumed = store.find_session(sessions, which).path if which is not None else None
     loaded = store.replay_log(resumed) if resumed else store.load_transcript(load) if load else None
+    # the conversation's own model, unless --model names another (a ppo chat goes on with ppo)
+    restore_model = (
+        loaded is not None
+        and bool(loaded.model)
+        and given is not None
+        and "model" not in given
+        and hub.canonical(loaded.model or "") != hub.canonical(settings.model)
+    )
+    if restore_model and loaded is not None and loaded.model:
+        settings = replace(settings, model=loaded.model)
+    try:
+        tokenizer, window = model_files(settings)
+    except RinnaError as err:
+        if not restore_model:
+            raise
+        raise type(err)(f"{err} (the model of {resumed or load}; --model continues it with another)") from None
+    check_fits(0, settings.max_new_tokens, window)
     engine = env.open_engine(env, settings, tokenizer, window)
     # A resumed or loaded conversation continues in a new session file of its own (its turns
     # copied first), so two chats never append to the same file. A piped run is marked, so
@@ -154,6 +172,8 @@ def chat(
         )
     copied = -1  # the log's records once a resumed or loaded conversation is copied into it
     if loaded:
+        if restore_model:
+            notice(f"model restored: {settings.model}")
         session.replace(loaded)
         copied = log.records
         notice(f"continuing {len(loaded.turns)} turns from {resumed or load}")

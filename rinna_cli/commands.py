@@ -81,6 +81,8 @@ def parse(line: str) -> Message | Command | Invalid:
     if name == "load" and not rest:
         return Invalid("usage: /load PATH")
     if name in ("save", "load"):
+        if len(rest) > 1 and rest[0] == rest[-1] and rest[0] in "'\"":  # quoted as in a shell: the path inside
+            rest = rest[1:-1]
         return Command(name, (rest,) if rest else (), force)
     if rest:
         return Invalid(f"/{name} takes no arguments")

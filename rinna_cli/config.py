@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from rinna_cli.contract import Sampling
 from rinna_cli.errors import UsageError
+from rinna_cli.inputs import decode
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -174,10 +175,10 @@ def shipped_defaults() -> dict:
 
 def _user_config(path: Path, warn) -> dict:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = decode(path.read_bytes(), f"the config file {path}")  # as stdin: a BOM dropped, else strict UTF-8
     except (FileNotFoundError, NotADirectoryError):
         return {}
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise UsageError(f"{path}: cannot read the config file ({err})") from None
     try:
         data = tomllib.loads(text)

@@ -71,9 +71,9 @@ def tokenizer_of(settings: Settings, generating: bool = True) -> tuple[Path, Tok
     return folder, Tokenizer.from_folder(folder)
 
 
-def model_files(settings: Settings) -> tuple[Tokenizer, int]:
-    """The model's tokenizer and its context window (from ``config.json``)."""
-    folder, tokenizer = tokenizer_of(settings)
+def model_files(settings: Settings, generating: bool = True) -> tuple[Tokenizer, int]:
+    """The model's tokenizer and its context window (from ``config.json``); ``generating`` as :func:`tokenizer_of`."""
+    folder, tokenizer = tokenizer_of(settings, generating)
     return tokenizer, hub.context_window(hub.read_config(folder))
 
 

@@ -105,6 +105,12 @@ def test_sessions_are_listed_newest_first_with_their_first_message(memorized_mod
     )
 
 
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_limit_below_one_is_refused(home, limit):
+    with pytest.raises(UsageError, match=rf"^--limit {limit} is out of range; allowed: limit >= 1$"):
+        chat_command.list_sessions(make_env(b""), limit)
+
+
 def test_a_long_or_hostile_first_message_is_cut_and_escaped(memorized_model, engine, home):
     piped(memorized_model, engine, "\x1b]0;x\x07" + "長" * 60 + "\n")
     env = make_env(b"")
@@ -226,3 +232,30 @@ def test_the_command_line_lists_sessions_and_resumes_by_number(memorized_model, 
     # --resume alone takes the last chat typed on a terminal: piped runs never are one
     refused = run_cli("chat", "-m", str(memorized_model), "--resume", stdin=b"x\n", engine=engine)
     assert refused.code != 0 and refused.stderr.startswith("rinna: error: ")
+
+
+def test_a_resumed_or_loaded_chat_goes_on_with_its_own_model_unless_model_is_given(memorized_model, engine, home,
+                                                                                      tmp_path):  # fmt: skip
+    """A session's (or transcript's) model comes back with it, as its settings do, unless --model names another."""
+    other = tmp_path / "other-model"  # another model folder (the same files)
+    other.mkdir()
+    for file in memorized_model.iterdir():
+        (other / file.name).symlink_to(file)
+    engine.enqueue("一の返事。", "続き。", "また続き。")
+    piped(other, engine, "一\n")
+
+    def newest_model() -> str:
+        path = store.sessions(home / "sessions")[0].path
+        return json.loads(path.read_text(encoding="utf-8").splitlines()[0])["model"]
+
+    code, _, err = piped(memorized_model, engine, "続けて\n", resume="1")  # -m not given: the config's default
+    assert code == 0 and f"model restored: {other}\n" in err and newest_model() == str(other)
+    code, _, err = piped(memorized_model, engine, "続けて\n", resume="1", given=("model",))
+    assert code == 0 and "model restored" not in err and newest_model() == str(memorized_model)
+    # the stored model gone: the error says whose model it was and how to go on
+    for file in other.iterdir():
+        file.unlink()
+    other.rmdir()
+    older = store.sessions(home / "sessions")[1].path
+    with pytest.raises(RinnaError, match=rf"no such model folder \(the model of {older}; --model continues it"):
+        piped(memorized_model, engine, "続けて\n", resume="2")

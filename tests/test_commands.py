@@ -42,6 +42,11 @@ def test_save_with_and_without_a_path():
     assert parse("/save  ") == Command("save")
     assert parse("/save chat.json") == Command("save", ("chat.json",))
     assert parse("/save  my chats/会話 1.json ") == Command("save", ("my chats/会話 1.json",))
+    # quoted by a shell user's habit: the path inside the quotes
+    assert parse('/save "my chats/会話 1.json"') == Command("save", ("my chats/会話 1.json",))
+    assert parse("/save! 'a b.json'") == Command("save", ("a b.json",), True)
+    assert parse("/load 'a b.json'") == Command("load", ("a b.json",))
+    assert parse("/save \"a'") == Command("save", ("\"a'",))  # not a pair of quotes: as typed
 
 
 def test_load_needs_a_path():

@@ -239,7 +239,17 @@ def test_user_config_that_is_not_utf8(home):
     path.write_bytes(b"temperature = 0.5 # \xff\xfe\n")
     with pytest.raises(UsageError) as err:
         load()
-    assert str(path) in str(err.value)
+    assert str(err.value) == (
+        f"the config file {path} is not UTF-8 (byte 0xff at offset 20); convert it first, e.g. "
+        "`iconv -f SHIFT_JIS -t UTF-8`"
+    )
+
+
+def test_user_config_with_a_byte_order_mark(home):
+    """As Windows editors save it: the mark is dropped, as on standard input."""
+    (home / "config.toml").write_bytes("\ufefftemperature = 0.5\n".encode())
+    settings, warnings = load()
+    assert settings.temperature == 0.5 and warnings == []
 
 
 # ---- ranges ------------------------------------------------------------------------

@@ -196,6 +196,7 @@ def test_offline_and_not_cached_names_the_two_ways_without_a_download(hub, env):
     assert one_error(rinna(offline, "tokenize", "--model", "rinna/demo", "吾輩"), 1) == tokenizer_only
     endpoint = ("--endpoint", "http://127.0.0.1:9/v1")
     assert one_error(rinna(offline, "ask", *endpoint, "--model", "rinna/demo", QUESTION), 1) == tokenizer_only
+    assert one_error(rinna(offline, "ask", "--show-prompt", "--model", "rinna/demo", QUESTION), 1) == tokenizer_only
     assert hub.requests == []
 
 

@@ -271,7 +271,7 @@ def test_openai_chat_completions(client, memorized_model):
         ("/v1/completions", {"prompt": [1, 99999]}, "prompt token id 99999 is outside the tokenizer's"),
         ("/v1/completions", {"prompt": "x", "max_tokens": 5000}, "max_tokens = 5000 is out of range; allowed: 1 <= max_tokens < 2048"),
         ("/v1/completions", {"prompt": [5] * 2000, "max_tokens": 100}, "the prompt is 2000 tokens; with max_tokens = 100 at most 1948 fit"),
-        ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p: top_p = 0 is out of range"),
+        ("/v1/completions", {"prompt": "x", "top_p": 0}, "top_p = 0 is out of range"),
         ("/v1/completions", {"prompt": "x", "logprobs": 1}, "logprobs are not supported"),
         ("/v1/completions", {"prompt": "x", "stop": ["\n"]}, "stop strings are not supported"),
         ("/v1/chat/completions", {"messages": "hi"}, "messages must be a non-empty array"),
@@ -330,6 +330,23 @@ def test_the_serve_flags_of_the_command_line(memorized_model, tmp_path):
         served.stop()
     log = served.log.read_text()
     assert "POST /v1/" not in log and "up to 2 replies at once" in log.splitlines()[0]  # --quiet: no access lines
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_the_server_with_its_summary_and_exit_0(memorized_model, tmp_path, stop):
+    """Ctrl-C or SIGTERM (systemd, docker stop): the summary line, exit 0 (uvicorn raised the signal again after
+    its shutdown, which ended the process with 130 or 143 and no summary)."""
+    served = Served(make_env(tmp_path), tmp_path / "stop.log", "--model", str(memorized_model), "-t", "0", "-n", "3")
+    try:
+        served.wait_ready()
+        status, answer = request(served.port, "POST", "/v1/completions", {"prompt": "猫", "max_tokens": 3})
+        assert status == 200
+        served.proc.send_signal(stop)
+        assert served.proc.wait(30) == 0, served.log.read_text()
+    finally:
+        served.stop()
+    tokens = answer["usage"]["completion_tokens"]
+    assert served.log.read_text().splitlines()[-1] == f"rinna serve: stopped after 1 completion ({tokens} tokens)"
 
 
 # --- auth, queue, disconnect -------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def test_every_unsupported_field_is_refused_by_name(requests, field):
         ({"prompt": [5] * 2048}, "the prompt is 2048 tokens; with max_tokens = 1 at most 2047 fit in the model's 2048-token window", "prompt"),
         ({"prompt": "x", "max_tokens": 0}, "max_tokens = 0 is out of range; allowed: max_tokens >= 1", "max_tokens"),
         ({"prompt": "x", "temperature": "hot"}, 'temperature must be a number, not string "hot"', "temperature"),
-        ({"prompt": "x", "top_p": 0}, "top_p: top_p = 0 is out of range; allowed: 0.0 < top_p <= 1.0 (1 = off)", "top_p"),
+        ({"prompt": "x", "top_p": 0}, "top_p = 0 is out of range; allowed: 0.0 < top_p <= 1.0 (1 = off)", "top_p"),
         ({"prompt": "x", "model": 4}, "model must be a string, not integer 4", "model"),
         ({"prompt": "x", "stop": ["\n"]}, "stop strings are not supported; generation always ends at </s>", "stop"),
         ({"prompt": [99999]}, "prompt token id 99999 is outside the tokenizer's 482 ids", "prompt"),

@@ -94,3 +94,26 @@ def test_version_and_bare_rinna_import_no_torch(env, args):
     assert (b"torch " in result.stdout) == bool(args)
     assert "rinna_cli.cli" in modules
     assert heavy(modules) == []
+
+
+def test_ctrl_c_while_the_command_line_imports_ends_quietly_with_130(env):
+    """The executable's entry (rinna_cli.entry): a SIGINT during the command line's own import (about 0.1 s) ends the
+    program with 130 and nothing on stderr, where it printed a KeyboardInterrupt traceback."""
+    script = (
+        "import builtins, os, signal, sys\n"
+        "real = builtins.__import__\n"
+        "def interrupting(name, *args, **kwargs):\n"
+        "    if name == 'rinna_cli.cli':\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = interrupting\n"
+        "sys.argv = ['rinna', '--version']\n"
+        "from rinna_cli.entry import main\n"
+        "main()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
+    assert (result.returncode, result.stdout, result.stderr) == (130, b"", b"")
+    # after the import the command line's own handling holds: --version runs to its end
+    script = script.replace("os.kill(os.getpid(), signal.SIGINT)", "pass")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(b"rinna-cli ") and result.stderr == b""

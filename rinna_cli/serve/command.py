@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import sys
+import threading
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -115,10 +117,19 @@ class Serving:
     engine: Engine
 
     def run(self) -> int:
-        """Serve until SIGINT or SIGTERM (or :meth:`stop`); returns the exit code."""
+        """Serve until SIGINT or SIGTERM (or :meth:`stop`); returns the exit code, 0 after either signal.
+
+        uvicorn shuts down gracefully on those signals, then raises them again under the handlers it found, which
+        by default would end the process there (130 or 143, without the summary): the handlers here only take note.
+        """
+        stopping: list[int] = []
+        handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
+        previous = {sig: signal.signal(sig, lambda sig, frame: stopping.append(sig)) for sig in handled}
         try:
             self.server.run(sockets=[self.sock])
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             close = getattr(self.engine, "close", None)
             if callable(close):
                 close()

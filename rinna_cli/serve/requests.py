@@ -227,8 +227,9 @@ class Requests:
             else:
                 try:
                     value = config.check(key, value)
-                except UsageError as err:
-                    raise ApiError(400, f"{field}: {err}", param=field) from None
+                except UsageError as err:  # the message names rinna's setting: the request's field too where it differs
+                    message = str(err) if key == field else f"{field}: {err}"
+                    raise ApiError(400, message, param=field) from None
             given[key] = value
         sampling = replace(self.defaults, **given)
         if "max_new_tokens" not in given:  # the default shrinks to what the window leaves
