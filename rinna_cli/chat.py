@@ -139,15 +139,9 @@ def chat(
     resumed = store.find_session(sessions, which).path if which is not None else None
     loaded = store.replay_log(resumed) if resumed else store.load_transcript(load) if load else None
     # the conversation's own model, unless --model names another (a ppo chat goes on with ppo)
-    restore_model = (
-        loaded is not None
-        and bool(loaded.model)
-        and given is not None
-        and "model" not in given
-        and hub.canonical(loaded.model or "") != hub.canonical(settings.model)
-    )
-    if restore_model and loaded is not None and loaded.model:
-        settings = replace(settings, model=loaded.model)
+    stored, restore_model = loaded.model if loaded is not None else None, False
+    if stored and given is not None and "model" not in given and hub.canonical(stored) != hub.canonical(settings.model):
+        settings, restore_model = replace(settings, model=stored), True
     try:
         tokenizer, window = model_files(settings)
     except RinnaError as err:

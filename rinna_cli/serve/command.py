@@ -120,11 +120,10 @@ class Serving:
         """Serve until SIGINT or SIGTERM (or :meth:`stop`); returns the exit code, 0 after either signal.
 
         uvicorn shuts down gracefully on those signals, then raises them again under the handlers it found, which
-        by default would end the process there (130 or 143, without the summary): the handlers here only take note.
+        by default would end the process there (130 or 143, without the summary): the handlers here do nothing.
         """
-        stopping: list[int] = []
         handled = (signal.SIGINT, signal.SIGTERM) if threading.current_thread() is threading.main_thread() else ()
-        previous = {sig: signal.signal(sig, lambda sig, frame: stopping.append(sig)) for sig in handled}
+        previous = {sig: signal.signal(sig, lambda signum, frame: None) for sig in handled}
         try:
             self.server.run(sockets=[self.sock])
         finally:
