@@ -11,8 +11,10 @@ import signal
 
 
 def main() -> None:
-    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.SIG_IGN:  # ignored (a background job, nohup): left so
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
     from rinna_cli.cli import main as run
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)  # None: set in C
     run()

@@ -117,3 +117,9 @@ def test_ctrl_c_while_the_command_line_imports_ends_quietly_with_130(env):
     script = script.replace("os.kill(os.getpid(), signal.SIGINT)", "pass")
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
     assert result.returncode == 0 and result.stdout.startswith(b"rinna-cli ") and result.stderr == b""
+    # where SIGINT is ignored (a background job of a script, nohup) it stays ignored
+    script = script.replace("pass", "os.kill(os.getpid(), signal.SIGINT)").replace(
+        "sys.argv = ", "signal.signal(signal.SIGINT, signal.SIG_IGN)\nsys.argv = "
+    )
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(b"rinna-cli ") and result.stderr == b""
