@@ -202,10 +202,15 @@ def load(flags: dict | None = None, environ: Mapping[str, str] | None = None, wa
         from rinna_cli.render import warn
     values = {key: check(key, value, "shipped defaults") for key, value in shipped_defaults().items()}
     values.update(_user_config(user_config_path(), warn))
-    for key in KEYS:
-        name = f"RINNA_{key.upper()}"
+    names = {f"RINNA_{key.upper()}": key for key in KEYS}
+    for name, key in names.items():
         if env.get(name):
             values[key] = check(key, env[name], name)
+    others = {*names, HOME_ENV, values["api_key_env"]}  # rinna-cli's variables that are no setting
+    for name in env:  # a misspelt setting (RINNA_TEMPRATURE), as a config file's unknown key is told
+        close = difflib.get_close_matches(name, names, n=1, cutoff=0.85) if name.startswith("RINNA_") else []
+        if close and name not in others:
+            warn(f"unknown variable {name} ignored (did you mean {close[0]}?)")
     for key, value in (flags or {}).items():
         if value is not None:
             values[key] = check(key, value, f"--{key.replace('_', '-')}")

@@ -387,3 +387,11 @@ def test_canonical_model_names_match_across_spellings(tmp_path, monkeypatch):
     folder.mkdir()
     monkeypatch.chdir(tmp_path)
     assert hub.canonical("./model") == hub.canonical(str(folder)) == str(folder.resolve())
+
+
+def test_a_misspelt_variable_is_told_and_others_are_not(home):
+    settings, warnings = load(environ={"RINNA_TEMPRATURE": "1.5", "RINNA_TOP_K": "5"})
+    assert warnings == ["unknown variable RINNA_TEMPRATURE ignored (did you mean RINNA_TEMPERATURE?)"]
+    assert settings.temperature == 0.7 and settings.top_k == 5
+    # rinna-cli's other variables, and names like none of its settings, are not warned about
+    assert load(environ={"RINNA_CLI_HOME": str(home), "RINNA_API_KEY": "k", "RINNA_TEST_VLLM_URL": "u"})[1] == []
