@@ -60,13 +60,13 @@ def locate(name: str, weights: bool = False, generating: bool = True) -> Path:
     name = expand(name)
     if _is_path(name):
         folder = Path(name).expanduser()
-        if folder.exists() and not folder.is_dir():
+        if folder.exists() and not folder.is_dir():  # named as given (./x, ~/x), not as Path prints it
             raise ModelError(
-                f"{folder}: a file, not a model folder (--model takes a folder holding config.json, spiece.model "
+                f"{name}: a file, not a model folder (--model takes a folder holding config.json, spiece.model "
                 "and the weights, a hub id or an alias)"
             )
         if not folder.is_dir():
-            raise ModelError(f"{folder}: no such model folder")
+            raise ModelError(f"{name}: no such model folder")
         return folder
     if "/" not in name:
         close = difflib.get_close_matches(name, ALIASES, n=1, cutoff=0.5)

@@ -192,6 +192,12 @@ def test_a_file_as_the_model_is_called_a_file(run_cli, scripted_engine, tmp_path
     )
 
 
+def test_a_missing_model_folder_is_named_as_given(run_cli, scripted_engine, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ran = run_cli("ask", "-m", "./nonexist", "猫", engine=scripted_engine)
+    assert (ran.code, ran.stdout, ran.stderr) == (1, "", "rinna: error: ./nonexist: no such model folder\n")
+
+
 def test_a_utf8_byte_order_mark_on_stdin_is_dropped(run_cli, scripted_engine, model):
     ran = run_cli("ask", "-m", model, stdin=b"\xef\xbb\xbf" + "猫\n".encode(), engine=scripted_engine)
     assert ran.code == 0 and scripted_engine.prompts == [prompt_of(scripted_engine.tokenizer, "猫")]
