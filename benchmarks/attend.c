@@ -62,5 +62,9 @@ int main(int argc, char **argv) {
     }
     printf("%d tokens, %s, %d layers: %.2f ms, %.1f GB/s\n", T, bf16 ? "bfloat16" : "float32", L, best * 1e3,
            2.0 * (double)(n * size * L) / best / 1e9);
+    free(k);
+    free(v);
+    free(q);
+    free(out);
     return 0;
 }

@@ -213,11 +213,11 @@ static inline __attribute__((always_inline)) void weighted(const float *s, const
 /* head h's output before the softmax's division, into out; the softmax's denominator */
 static float head(const void *q, const void *k, const void *v, int D, long kts, long vts, float scale, int bf16,
                   float *s, int T, float *out) {
-    float qe[MAXD + W] = {0}, qo[MAXD / 2 + W] = {0}, oe[MAXD + W], oo[MAXD / 2 + W];
-    const int n = bf16 ? D / 2 : D;
-    for (int j = 0; j < n; j++) {
-        qe[j] = widen(q, bf16 ? 2 * (size_t)j : (size_t)j, bf16);
-        if (bf16) qo[j] = widen(q, 2 * (size_t)j + 1, 1);
+    float qe[MAXD + W], qo[MAXD / 2 + W], oe[MAXD + W], oo[MAXD / 2 + W];
+    const int n = bf16 ? D / 2 : D, padded = (n + W - 1) / W * W; /* zeros to the last vector's end, no further */
+    for (int j = 0; j < padded; j++) {
+        qe[j] = j < n ? widen(q, bf16 ? 2 * (size_t)j : (size_t)j, bf16) : 0.0f;
+        if (bf16) qo[j] = j < n ? widen(q, 2 * (size_t)j + 1, 1) : 0.0f;
     }
     scores_of(qe, qo, k, (size_t)kts, T, n, bf16, scale, s);
     float total = exponentials(s, T);
