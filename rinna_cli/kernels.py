@@ -42,6 +42,12 @@ from rinna_cli.int8 import Int8Linear, QuantLinear
 PLAN_FORMAT = 3
 PROBE_FILE = "kernels-probe.json"  # in the cache folder, beside the schemes' folders
 BUDGET_S = 3.5  # measuring, on top of the probe (which runs while the weights are quantized)
+# A plan measured while other processes took more than this share of its threads' time is used but not saved: its
+# timings rank the kernels by when each ran (a re-plan during a user trial chose SDPA over a 6.6x faster attend).
+BUSY_LIMIT = 0.1
+# Waits shorter than this in all are the scheduler's noise: a first start's threads waking waited 5 ms, 15-20 % of
+# a test model's 25-35 ms plan. The race's fastest of several rounds absorbs them.
+_NOISE_S = 0.1
 DECODE_ROWS, BATCH_ROWS, PREFILL_ROWS = 1, int8.DECODE_ROWS, 48
 ATTENTION_TOKENS = 512  # the KV cache length the attention of a decode step is timed at
 ATTENTIONS = ("sdpa", "attend")  # a decode step's attention: torch's or rinna-cli's (rinna_cli.attention)
@@ -69,6 +75,12 @@ class Plan:
     seconds: float = 0.0  # time spent planning
     whole: bool = True  # every phase of every kind measured (a plan the budget cut short is not saved)
     attention: str = "sdpa"  # a decode step's: "sdpa" (torch's) or "attend" (rinna-cli's, rinna_cli.attention)
+    busy: float = 0.0  # the share of its threads' time spent waiting for a core while measuring (other processes)
+
+    @property
+    def settled(self) -> bool:
+        """Worth saving: every phase measured, on cores other processes left alone (else measured again next start)."""
+        return self.whole and self.busy <= BUSY_LIMIT
 
     def describe(self) -> str:
         """One line for ``--stats`` and ``--json``, e.g.
@@ -77,7 +89,8 @@ class Plan:
             f"{kind} decode {decode}, batch {batch}, prefill {prefill}"
             for kind, (decode, batch, prefill) in self.kernels.items()
         ]
-        return "; ".join(parts) + f"; {self.activation}, attention {self.attention}"
+        busy = " (measured while other programs ran: again at the next start)" if self.busy > BUSY_LIMIT else ""
+        return "; ".join(parts) + f"; {self.activation}, attention {self.attention}{busy}"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -256,6 +269,25 @@ def probe_answer(process: subprocess.Popen, cache_dir: Path) -> set[str]:
 # --- measuring ---------------------------------------------------------------------------
 
 
+def waited_s() -> float | None:
+    """Seconds this process's threads have spent runnable but waiting for a core (Linux's schedstat), None where
+    that is not known: what other processes took from a measurement (2 threads on the 2-core Zen 5 of 2026-12-08
+    waited 0.5 % of their time alone, 26 % beside one busy process, 52 % beside two)."""
+    total, known = 0, False
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/schedstat", encoding="ascii") as stat:
+                total += int(stat.read().split()[1])
+            known = True
+        except (OSError, ValueError, IndexError):  # a thread that ended meanwhile
+            continue
+    return total / 1e9 if known else None
+
+
 def _samples(modules: list[QuantLinear], per_shape: int) -> tuple[list[QuantLinear], dict[tuple[int, int], int]]:
     """A few modules of each shape (from different layers) and how many the model has of each."""
     counts: dict[tuple[int, int], int] = {}
@@ -394,7 +426,7 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     # them, on the Zen 3 of 2026-12-03); their pages serve the first reply all the same
     sampled = [m for modules in kinds.values() for m in _samples(modules, _SAMPLES)[0]]
     mapped.fetch_ahead([p for m in sampled for n, p in m.named_parameters() if n != "bias"]).join()
-    timing = time.perf_counter()
+    timing, waited = time.perf_counter(), waited_s()
     names = {
         kind: [n for n in KINDS[kind].KERNELS if working is None or f"{kind}:{n}" in working] or [KINDS[kind].decode]
         for kind in kinds
@@ -480,10 +512,14 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     kernels = {kind: (fast[kind], fastest(batch, "batch", kind), fastest(prefill, "prefill", kind)) for kind in kinds}
     timings = {label: round(seconds * 1000, 3) for label, seconds in {**decode, **batch, **prefill}.items()}
     whole = activation in cost and all(any(k.startswith(f"prefill {kind}/") for k in prefill) for kind in prompted)
-    seconds = round(time.perf_counter() - began, 3)
+    now, waited_now = time.perf_counter(), waited_s()
+    busy = 0.0  # unknown, nothing timed, or waits of a few time slices (threads waking), which the race absorbs
+    if waited is not None and waited_now is not None and waited_now - waited > _NOISE_S:
+        busy = (waited_now - waited) / (now - timing) / torch.get_num_threads()
+    seconds = round(now - began, 3)
     unmeasured_attention = "attend" if "attend" in attentions else "sdpa"  # rinna-cli's, where it runs
     attention = attending.get(activation, unmeasured_attention)
-    return Plan(kernels, activation, machine_key(scheme), timings, seconds, whole, attention)
+    return Plan(kernels, activation, machine_key(scheme), timings, seconds, whole, attention, round(busy, 3))
 
 
 def _unmeasured_activation() -> str:

@@ -94,7 +94,7 @@ def load_quantized(
             probed = probe.returncode == 0
         plan = kernels.measure(loaded, scheme, working)
         try:
-            if plan.whole and probed:  # else measured (and probed) again next time
+            if plan.settled and probed:  # else measured (and probed) again next time
                 kernels.save_plan(plan_path, plan)
         except OSError:  # the weights are cached: a plan that cannot be saved is measured again next time
             pass
