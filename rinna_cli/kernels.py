@@ -44,7 +44,7 @@ PROBE_FILE = "kernels-probe.json"  # in the cache folder, beside the schemes' fo
 BUDGET_S = 3.5  # measuring, on top of the probe (which runs while the weights are quantized)
 # A plan measured while other processes took more than this share of its threads' time is used but not saved: its
 # timings rank the kernels by when each ran (a re-plan during a user trial chose SDPA over a 6.6x faster attend).
-BUSY_LIMIT = 0.1
+BUSY_LIMIT = 0.15
 # Waits shorter than this in all are the scheduler's noise: a first start's threads waking waited 5 ms, 15-20 % of
 # a test model's 25-35 ms plan. The race's fastest of several rounds absorbs them.
 _NOISE_S = 0.1
@@ -515,7 +515,9 @@ def measure(model: nn.Module, scheme: str, working: set[str] | None = None, budg
     now, waited_now = time.perf_counter(), waited_s()
     busy = 0.0  # unknown, nothing timed, or waits of a few time slices (threads waking), which the race absorbs
     if waited is not None and waited_now is not None and waited_now - waited > _NOISE_S:
-        busy = (waited_now - waited) / (now - timing) / torch.get_num_threads()
+        threads = torch.get_num_threads()
+        own = max(0.0, 1 - len(os.sched_getaffinity(0)) / threads)  # more threads than cores wait for each other
+        busy = max(0.0, (waited_now - waited) / (now - timing) / threads - own)
     seconds = round(now - began, 3)
     unmeasured_attention = "attend" if "attend" in attentions else "sdpa"  # rinna-cli's, where it runs
     attention = attending.get(activation, unmeasured_attention)

@@ -251,11 +251,13 @@ _MEASURE_ON_ONE_CORE = """
 import os, sys
 from pathlib import Path
 os.sched_setaffinity(0, {int(sys.argv[3])})
+import torch
 from transformers import AutoConfig
 from rinna_cli import kernels
 from rinna_cli.quantized import load_quantized
 folder, cache = Path(sys.argv[1]), Path(sys.argv[2])
 model, plan = load_quantized(folder, [folder / "model.safetensors"], AutoConfig.from_pretrained(folder), cache)
+torch.set_num_threads(int(sys.argv[4]))
 print("loaded", flush=True)
 sys.stdin.readline()
 print(kernels.measure(model, "int8", kernels.cached_probe(cache)).to_json().replace("\\n", ""), flush=True)
@@ -263,32 +265,46 @@ sys.stdin.readline()
 """
 
 
-@pytest.mark.skipif(kernels.waited_s() is None or not hasattr(os, "sched_setaffinity"), reason="Linux's schedstat")
-def test_measuring_beside_busy_processes_is_told(memorized_model, tmp_path):
-    """Real competitors on the one core the measuring may use: the plan says so and is not worth saving."""
-    load(memorized_model, tmp_path, plan=None)  # weights cached and kernels probed: the child loads in a second
+def _measure_on_one_core(model: Path, cache: Path, threads: int, spinners: int) -> kernels.Plan:
+    """A plan measured in a child process held to one core with ``threads`` threads, beside ``spinners`` busy
+    processes on that core."""
+    load(model, cache, plan=None)  # weights cached and kernels probed: the child loads in a second
     core = str(min(os.sched_getaffinity(0)))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    command = [sys.executable, "-c", _MEASURE_ON_ONE_CORE, str(memorized_model), str(tmp_path), core]
+    command = [sys.executable, "-c", _MEASURE_ON_ONE_CORE, str(model), str(cache), core, str(threads)]
     child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert child.stdout.readline() == "loaded\n"
     spin = f"import os; os.sched_setaffinity(0, {{{core}}}); print(1, flush=True)\nwhile True: pass"
-    # a dozen: the small model's plan (25-35 ms of work alone) gets a thirteenth of the core and waits 0.3-0.4 s,
-    # beyond the scheduler's noise
-    spinners = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(12)]
+    running = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE, text=True) for _ in range(spinners)]
     try:
-        for spinner in spinners:
+        for spinner in running:
             spinner.stdout.readline()
         child.stdin.write("go\n")
         child.stdin.flush()
         measured = child.stdout.readline()
     finally:
-        for process in (child, *spinners):
+        for process in (child, *running):
             process.kill()
             process.wait()
-    busy = kernels.Plan.from_json(measured)
-    assert busy.whole and busy.busy > 0.5 and not busy.settled  # the spinners took most of that core
-    assert busy.describe().endswith(" (measured while other programs ran: again at the next start)")
+    return kernels.Plan.from_json(measured)
+
+
+@pytest.mark.skipif(kernels.waited_s() is None or not hasattr(os, "sched_setaffinity"), reason="Linux's schedstat")
+def test_measuring_beside_busy_processes_is_told(memorized_model, tmp_path):
+    """Real competitors on the one core the measuring may use: the plan says so and is not worth saving."""
+    # a dozen: the small model's plan (25-35 ms of work alone) gets a thirteenth of the core and waits 0.3-0.4 s,
+    # beyond the scheduler's noise
+    plan = _measure_on_one_core(memorized_model, tmp_path, threads=1, spinners=12)
+    assert plan.whole and plan.busy > 0.5 and not plan.settled  # the spinners took most of that core
+    assert plan.describe().endswith(" (measured while other programs ran: again at the next start)")
+
+
+@pytest.mark.skipif(kernels.waited_s() is None or not hasattr(os, "sched_setaffinity"), reason="Linux's schedstat")
+def test_more_threads_than_cores_waiting_for_each_other_is_not_taken_for_busy(memorized_model, tmp_path):
+    """Four threads on one core wait three quarters of the time by themselves (a test worker beside them on that
+    core would add a twentieth); that share is not other programs'."""
+    plan = _measure_on_one_core(memorized_model, tmp_path, threads=4, spinners=0)
+    assert plan.busy < 0.15 and plan.settled
 
 
 def test_a_plan_measured_while_other_programs_ran_is_used_but_not_saved(memorized_model, tmp_path, monkeypatch):
