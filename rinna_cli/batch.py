@@ -17,6 +17,7 @@ output in input order as soon as all earlier ones are done
 
 from __future__ import annotations
 
+import codecs
 import json
 import queue
 import sys
@@ -26,7 +27,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from rinna_cli import config
+from rinna_cli import config, inputs
 from rinna_cli.batch_output import Item, OutFile, OutStream, error_row, key as _key, reply_row
 from rinna_cli.contract import Engine, Sampling, check_fits
 from rinna_cli.environment import Environment, model_files
@@ -139,11 +140,21 @@ def parse_line(text: str, line: int, tokenizer: Tokenizer, defaults: Sampling, w
     return Item(line, item_id, prompt_ids, sampling)
 
 
-def read_items(data: bytes, tokenizer: Tokenizer, defaults: Sampling, window: int) -> list[Item]:
+def read_items(
+    data: bytes, tokenizer: Tokenizer, defaults: Sampling, window: int, what: str = "standard input"
+) -> list[Item]:
     """Every line of ``data`` as an item; a repeated id is an error on its later lines.
 
-    Ids default to line numbers, so a given integer id can repeat another line's number.
+    Ids default to line numbers, so a given integer id can repeat another line's number. A leading UTF-8 byte order
+    mark (Notepad's, Excel's) is dropped; input in another encoding throughout (UTF-16, Shift_JIS: no line that is
+    not ASCII reads as UTF-8) is refused as :func:`rinna_cli.inputs.decode` refuses it, naming ``what``.
     """
+    data = data.removeprefix(codecs.BOM_UTF8)
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        if not any(not line.isascii() and _utf8(line) for line in data.split(b"\n")):
+            inputs.decode(data, what)  # raises, with the iconv hint
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -165,6 +176,14 @@ def read_items(data: bytes, tokenizer: Tokenizer, defaults: Sampling, window: in
             first_line[key] = number
         items.append(item)
     return items
+
+
+def _utf8(line: bytes) -> bool:
+    try:
+        line.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _work(todo: list[Item], engine: Engine, parallel: int, stop: threading.Event) -> tuple[list, queue.SimpleQueue]:
@@ -346,7 +365,8 @@ def batch(env: Environment, settings: config.Settings, source: str | None, outpu
     tokenizer, window = model_files(settings)
     defaults = settings.sampling()
     check_fits(0, defaults.max_new_tokens, window)
-    items = read_items(_read_source(env, source), tokenizer, defaults, window)
+    what = "standard input" if source in (None, "-") else str(source)
+    items = read_items(_read_source(env, source), tokenizer, defaults, window, what)
     out = OutFile(output) if output is not None else OutStream(env.stdout)
     skipped = sum(1 for item in items if not item.error and _key(item.id) in out.done)
     engine = None  # not loaded when only error rows are left to write

@@ -330,3 +330,23 @@ def test_rinna_batch_command(memorized_model, tmp_path, run_cli):
     assert (done.code, done.stdout) == (1, ""), done.stderr
     assert done.stderr == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
     assert _rows(out.read_text(encoding="utf-8")) == EXPECTED
+
+
+def test_a_byte_order_mark_is_dropped_and_a_file_in_another_encoding_refused(memorized_model, tmp_path, run_cli):
+    """Notepad and Excel start UTF-8 files with a mark: the first prompt is the question, not mark plus question. A
+    file of Shift_JIS or UTF-16 lines is refused up front with iconv's hint, not answered line by line in error rows."""
+    flags = ("--model", str(memorized_model), "-t", "0", "-n", "64")
+    marked = "\ufeff" + _line(id="a", prompt=MOUNT_Q) + "\r\n" + MOUNT_Q + "\n"
+    done = run_cli("batch", *flags, stdin=marked.encode())
+    assert done.code == 0, done.stderr
+    assert [(row["id"], row["reply"]) for row in _rows(done.stdout)] == [("a", MOUNT_A), (2, MOUNT_A)]
+    source = tmp_path / "sjis.txt"
+    source.write_bytes(f"{MOUNT_Q}\n{SIGHT_Q}\nok\n".encode("shift_jis"))
+    done = run_cli("batch", str(source), *flags, stdin=None)
+    assert (done.code, done.stdout) == (2, "")
+    assert done.stderr.startswith(f"rinna: error: {source} is not UTF-8 (byte 0x90 at offset 0);")
+    assert "iconv -f SHIFT_JIS -t UTF-8" in done.stderr
+    source.write_bytes(f"{MOUNT_Q}\n".encode("utf-16"))
+    done = run_cli("batch", str(source), *flags, stdin=None)
+    assert (done.code, done.stderr) == (2, f"rinna: error: {source} is UTF-16, not UTF-8; convert it first, e.g. "
+                                           "`iconv -f UTF-16 -t UTF-8`\n")  # fmt: skip
