@@ -8,6 +8,7 @@ so tests run commands in-process with their own streams and engine.
 """
 
 import atexit
+import errno
 import functools
 import inspect
 import os
@@ -325,6 +326,16 @@ def serve(
     )
 
 
+def _unwritten(err: OSError) -> str:
+    """What failed, in one line: the file named, or the output (standard output, a file) that could not be written."""
+    reason = err.strerror or str(err)
+    if err.filename:
+        return f"{err.filename}: {reason}"
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO):
+        return f"cannot write the output ({reason})"
+    return reason
+
+
 def _quiet_broken_pipe() -> None:
     """stdout's reader went away: silence the final flush."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -363,6 +374,9 @@ def run(args: list[str], env: Environment) -> int:
     except BrokenPipeError:
         _quiet_broken_pipe()
         code = 0
+    except OSError as err:  # a full disk, a closed standard output, a folder of -o that is not there
+        env.error(_unwritten(err))
+        code = 1
     except SystemExit as exit_:
         # typer answers a closed stdout (EPIPE) with a quiet exit 1; the reader going away is success here
         if not isinstance(exit_.__context__, BrokenPipeError):
@@ -393,7 +407,8 @@ def exit_now(code: int) -> NoReturn:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: closed (``>&-``)
+                stream.flush()
         except (OSError, ValueError):  # a reader that went away was answered in run()
             pass
     os._exit(code)

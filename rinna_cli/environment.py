@@ -8,13 +8,15 @@ engine from ``open_engine``.
 
 from __future__ import annotations
 
+import errno
 import importlib
+import io
 import os
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping, Protocol, TextIO
+from typing import TYPE_CHECKING, Mapping, Protocol, TextIO, cast
 
 from rinna_cli import hub
 from rinna_cli.inputs import escaped
@@ -81,8 +83,15 @@ def _stdin() -> TextIO | None:
     return sys.stdin
 
 
+class ClosedOutput(io.TextIOBase):
+    """Standard output closed (``>&-``): writing to it fails as writing to a closed descriptor does."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "standard output is closed")
+
+
 def _stdout() -> TextIO:
-    return sys.stdout
+    return sys.stdout if sys.stdout is not None else cast(TextIO, ClosedOutput())
 
 
 def _stderr() -> TextIO:

@@ -6,6 +6,7 @@ real stderr (strict UTF-8) shows what printing one does; help is printed by type
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 import subprocess
@@ -138,3 +139,24 @@ def test_ask_help_switches(env):
     text = rinna(env, "ask", "--help").stdout.decode("utf-8")
     for switch in ("--json", "--stats", "--show-prompt"):
         assert re.search(rf"│ {switch}\s{{2,}}[A-Z]", _row(text, switch)), _row(text, switch)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="a device that is always full")
+@pytest.mark.parametrize(
+    ("args", "output", "line"),
+    [
+        (["ask", "-t", "0", "世界で一番高い山は?"], "full", "rinna: error: cannot write the output (No space left on device)"),
+        (["tokenize", "こんにちは"], "full", "rinna: error: cannot write the output (No space left on device)"),
+        (["ask", "-t", "0", "世界で一番高い山は?"], "closed", "rinna: error: standard output is closed"),
+        (["batch", "-o", "/nonexistent/out.jsonl"], "full", "rinna: error: /nonexistent/out.jsonl: No such file or directory"),
+    ],
+    ids=["ask-full-disk", "tokenize-full-disk", "ask-closed", "batch-no-folder"],
+)  # fmt: skip
+def test_output_that_cannot_be_written_is_one_line_and_exit_1(env, memorized_model, args, output, line):
+    """Used to end in a traceback (OSError from the stream, or ``'NoneType' object has no attribute 'write'``)."""
+    command = [*RINNA, *args, "-m", str(memorized_model)]
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run(command, input="世界で一番高い山は?\n".encode(), stdout=full if output == "full" else None,
+                              stderr=subprocess.PIPE, env=env, cwd=ROOT, timeout=120,
+                              **({"pass_fds": ()} if output == "full" else {"preexec_fn": lambda: os.close(1)}))  # fmt: skip
+    assert (done.returncode, done.stderr.decode()) == (1, line + "\n")
