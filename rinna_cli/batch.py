@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from rinna_cli import config, inputs
-from rinna_cli.batch_output import Item, OutFile, OutStream, error_row, key as _key, reply_row
+from rinna_cli.batch_output import Item, OutFile, OutStream, error_row, key as _key, made_from, reply_row
 from rinna_cli.contract import Engine, Sampling, check_fits
 from rinna_cli.environment import Environment, model_files
 from rinna_cli.errors import RinnaError, UsageError
@@ -367,7 +367,15 @@ def batch(env: Environment, settings: config.Settings, source: str | None, outpu
     check_fits(0, defaults.max_new_tokens, window)
     what = "standard input" if source in (None, "-") else str(source)
     items = read_items(_read_source(env, source), tokenizer, defaults, window, what)
-    out = OutFile(output) if output is not None else OutStream(env.stdout)
+    out: OutFile | OutStream
+    if output is not None:
+        items = [replace(item, made_from=made_from(item, settings.model)) if not item.error else item for item in items]
+        out = OutFile(output)
+        stale = out.drop_stale(items)
+        if stale:
+            env.warn(f"{stale} rows of {output} were made from other prompts or options: they are made again")
+    else:
+        out = OutStream(env.stdout)
     skipped = sum(1 for item in items if not item.error and _key(item.id) in out.done)
     engine = None  # not loaded when only error rows are left to write
     try:

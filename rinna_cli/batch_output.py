@@ -3,15 +3,18 @@
 Written to ``-o OUT`` (:class:`OutFile`), every finished row is appended at once (one
 ``write`` of a whole line, so a kill loses only the replies in flight) and the file is
 put in input order when the run completes; a rerun with the same OUT skips the ids it
-already holds and retries its error rows. On standard output (:class:`OutStream`) the
-job writes rows in input order.
+already holds and retries its error rows. A row in OUT carries what it was made from (``input``,
+:func:`made_from`), so that a rerun with other prompts or options under the same ids makes those
+rows again instead of keeping replies to other questions. On standard output (:class:`OutStream`)
+the job writes rows in input order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO
 
@@ -28,6 +31,14 @@ class Item:
     prompt_ids: list[int] | None = None
     sampling: Sampling | None = None
     error: str | None = None
+    made_from: str | None = None  # what its reply depends on (:func:`made_from`), for a row written to OUT
+
+
+def made_from(item: Item, model: str) -> str:
+    """A digest of what an item's reply depends on: the model, the prompt's tokens and every sampling option."""
+    sampling = asdict(item.sampling) if item.sampling is not None else None
+    data = json.dumps([model, item.prompt_ids, sampling], sort_keys=True)
+    return hashlib.sha256(data.encode("utf-8")).hexdigest()[:16]
 
 
 def key(value: str | int) -> str:
@@ -36,13 +47,14 @@ def key(value: str | int) -> str:
 
 
 def reply_row(item: Item, reply: Reply) -> dict:
-    return {
+    row = {
         "id": item.id,
         "reply": reply.text,
         "finish_reason": reply.finish_reason,
         "prompt_tokens": reply.prompt_tokens,
         "completion_tokens": reply.completion_tokens,
     }
+    return row if item.made_from is None else {**row, "input": item.made_from}
 
 
 def error_row(item: Item, error: str) -> dict:
@@ -58,7 +70,7 @@ class OutFile:
 
     def __init__(self, path: Path):
         self.path = path
-        self.done: set[str] = set()
+        self.done: dict[str, str | None] = {}  # id -> what its row was made from (None: a row of an earlier version)
         kept = self._read()
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if kept is not None:  # error rows (retried now) or a torn last line: rewrite without them first
@@ -86,9 +98,23 @@ class OutFile:
             if "error" in row or row_key in self.done:
                 dropped = True
                 continue
-            self.done.add(row_key)
+            self.done[row_key] = row.get("input")
             kept.append(raw + b"\n")
         return kept if dropped else None
+
+    def drop_stale(self, items: list[Item]) -> int:
+        """Drop the rows whose ids ``items`` hold with another prompt or options (made again now); how many."""
+        stale = {
+            key(item.id)
+            for item in items
+            if item.error is None and self.done.get(key(item.id), item.made_from) not in (None, item.made_from)
+        }
+        if stale:
+            rows = [raw + b"\n" for raw in self.path.read_bytes().split(b"\n") if raw]
+            self._replace([raw for raw in rows if key(json.loads(raw)["id"]) not in stale])
+            for row_key in stale:
+                del self.done[row_key]
+        return len(stale)
 
     def _replace(self, rows: list[bytes]) -> None:
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
@@ -131,7 +157,7 @@ class OutStream:
 
     def __init__(self, stream: IO[str]):
         self.stream = stream
-        self.done: set[str] = set()
+        self.done: dict[str, str | None] = {}
 
     def write(self, row: dict) -> None:
         self.stream.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import signal
 import subprocess
 import threading
@@ -163,6 +164,15 @@ def _rows(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def _file_rows(path: Path) -> list[dict]:
+    """OUT's rows without what each reply was made from (16 hex digits on every reply row written now)."""
+    rows = _rows(path.read_text(encoding="utf-8"))
+    for row in rows:
+        made = row.pop("input", None)
+        assert made is None or re.fullmatch("[0-9a-f]{16}", made), made
+    return rows
+
+
 def test_standard_output_gets_rows_in_input_order_and_exit_1(memorized_model):
     env = _env(INPUT.encode())
     assert batch.batch(env, _settings(memorized_model), "-", None, parallel=3) == 1
@@ -201,7 +211,7 @@ def test_rerun_with_the_same_out_resumes(memorized_model, tmp_path, monkeypatch,
     )
     env = _env()
     assert batch.batch(env, _settings(memorized_model), str(source), out, parallel=2) == 1
-    assert _rows(out.read_text(encoding="utf-8")) == EXPECTED
+    assert _file_rows(out) == EXPECTED
     assert sorted(counted[0].prompts) == sorted(
         [_ids(tokenizer, ("user", SIGHT_Q)), _ids(tokenizer, ("user", TARO_1), ("assistant", TARO_R), ("user", NAME_Q)),
          _ids(tokenizer, ("user", MOUNT_Q))]
@@ -211,7 +221,7 @@ def test_rerun_with_the_same_out_resumes(memorized_model, tmp_path, monkeypatch,
     assert (
         batch.batch(_env(), _settings(memorized_model), str(source), out, parallel=2) == 1
     )  # only the bad lines again
-    assert _rows(out.read_text(encoding="utf-8")) == EXPECTED and counted == []
+    assert _file_rows(out) == EXPECTED and counted == []
 
 
 def test_out_that_is_not_a_batch_file_is_refused(memorized_model, tmp_path):
@@ -329,7 +339,7 @@ def test_rinna_batch_command(memorized_model, tmp_path, run_cli):
                    "-n", "64", stdin=None)  # fmt: skip
     assert (done.code, done.stdout) == (1, ""), done.stderr
     assert done.stderr == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
-    assert _rows(out.read_text(encoding="utf-8")) == EXPECTED
+    assert _file_rows(out) == EXPECTED
 
 
 def test_a_byte_order_mark_is_dropped_and_a_file_in_another_encoding_refused(memorized_model, tmp_path, run_cli):
@@ -350,3 +360,28 @@ def test_a_byte_order_mark_is_dropped_and_a_file_in_another_encoding_refused(mem
     done = run_cli("batch", str(source), *flags, stdin=None)
     assert (done.code, done.stderr) == (2, f"rinna: error: {source} is UTF-16, not UTF-8; convert it first, e.g. "
                                            "`iconv -f UTF-16 -t UTF-8`\n")  # fmt: skip
+
+
+def test_a_rerun_with_other_prompts_or_options_under_the_same_ids_makes_those_rows_again(memorized_model, tmp_path,
+                                                                                        run_cli):  # fmt: skip
+    """Resuming into the same OUT kept the reply to line 1 of another file (or of a run with -n 3) as line 1's."""
+    source, out = tmp_path / "in.txt", tmp_path / "out.jsonl"
+    flags = ("-o", str(out), "--model", str(memorized_model), "-t", "0", "-n", "64")
+    source.write_text(f"{MOUNT_Q}\n{SIGHT_Q}\n", encoding="utf-8")
+    assert run_cli("batch", str(source), *flags, stdin=None).code == 0
+    first = _rows(out.read_text(encoding="utf-8"))
+    assert [row["reply"] for row in first] == [MOUNT_A, SIGHT_A]
+    source.write_text(f"{NAME_Q}\n{SIGHT_Q}\n", encoding="utf-8")  # line 1 another question
+    done = run_cli("batch", str(source), *flags, stdin=None)
+    assert done.code == 0 and done.stderr == (
+        f"rinna: warning: 1 rows of {out} were made from other prompts or options: they are made again\n"
+    )
+    again = _rows(out.read_text(encoding="utf-8"))
+    assert [row["id"] for row in again] == [1, 2] and again[1] == first[1]  # line 2 kept as it was
+    assert again[0]["reply"] != MOUNT_A and again[0]["input"] != first[0]["input"]
+    done = run_cli("batch", str(source), *flags[:-1], "3", stdin=None)  # -n 3: both made again
+    assert done.stderr.startswith("rinna: warning: 2 rows of") and all(
+        row["completion_tokens"] == 3 for row in _rows(out.read_text(encoding="utf-8"))
+    )
+    done = run_cli("batch", str(source), *flags[:-1], "3", stdin=None)  # the same again: nothing made
+    assert (done.code, done.stderr) == (0, "")
