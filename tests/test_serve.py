@@ -309,6 +309,13 @@ def test_models_and_health(servers, memorized_model):
     assert request(servers["memorized"].port, "GET", "/v1/nothing")[0] == 404
 
 
+def test_openai_retrieves_the_model_by_any_name(client, memorized_model):
+    """``models.retrieve`` (``GET /v1/models/{id}``) was a 404; a request's model may be any name, so its card is too."""
+    assert client.models.retrieve(str(memorized_model)).id == str(memorized_model)
+    card = client.models.retrieve("rinna/japanese-gpt-neox-3.6b-instruction-sft")  # a name with a slash
+    assert (card.id, card.owned_by) == (str(memorized_model), "rinna-cli")
+
+
 def test_the_serve_flags_of_the_command_line(memorized_model, tmp_path):
     """--served-model-name, --parallel, --quiet, --system-messages and the sampling flags, parsed by the real command."""
     served = Served(make_env(tmp_path), tmp_path / "flags.log", "--model", str(memorized_model), "--served-model-name", "rinna", "--parallel", "2", "--quiet", "--system-messages", "merge", "-t", "0", "-n", "3")  # fmt: skip

@@ -10,7 +10,7 @@ rinna's exact prompt format and tokenizer, which a generic server gets wrong:
   model card's ``ユーザー``/``システム`` turns (rinna has no system turn: a
   system message is refused with a 400, or with ``--system-messages merge``
   put at the start of the next user message).
-* ``GET /v1/models``, ``GET /health`` (status, queue, batch and token counters).
+* ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (status, queue, batch and token counters).
 
 Up to ``parallel`` replies are generated at once (1: one at a time, the plain
 engine; more: a batching engine); up to ``queue_size`` more requests wait their

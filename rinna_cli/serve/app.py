@@ -204,8 +204,12 @@ class _Routes:
         return _EventStream(job, _events(job, shapes))
 
     def models(self, request: Request) -> dict:
+        return {"object": "list", "data": [self.model(request)]}
+
+    def model(self, request: Request) -> dict:
+        """The served model's card (``/v1/models/{id}`` answers it for any id, as a request's model may be any)."""
         self.authorize(request)
-        card = {
+        return {
             "id": self.state.name,
             "object": "model",
             "created": self.state.created,
@@ -213,7 +217,6 @@ class _Routes:
             "max_model_len": self.state.engine.window,
             "vocab_size": self.state.engine.tokenizer.vocab_size,  # clients check that their tokenizer is this one
         }
-        return {"object": "list", "data": [card]}
 
 
 def create_app(
@@ -265,6 +268,10 @@ def create_app(
     @app.get("/v1/models")
     async def models(request: Request):
         return routes.models(request)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(request: Request, name: str):  # openai's models.retrieve(), ollama's and vLLM's clients
+        return routes.model(request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
