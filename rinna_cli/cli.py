@@ -22,7 +22,7 @@ import typer
 from rinna_cli import config
 from rinna_cli.environment import Environment
 from rinna_cli.errors import RinnaError
-from rinna_cli.inputs import check_text
+from rinna_cli.inputs import check_text, dropped_mark
 
 HELP_OPTIONS = ["-h", "--help"]
 app = typer.Typer(
@@ -123,6 +123,7 @@ def settings_from(*groups: dict[str, Any]) -> Callable:
         @functools.wraps(command)
         def wrapper(ctx: typer.Context, **values: Any) -> Any:
             _check_arguments(ctx, ctx.obj.environ)
+            values = {name: dropped_mark(value) for name, value in values.items()}
             given = {name: values.pop(name) for name in names}
             flags = {name: value for name, value in given.items() if _on_command_line(ctx, name)}
             if wants_given:  # the command restores stored settings except those given as flags

@@ -56,6 +56,12 @@ def decode(data: bytes, what: str = "standard input", shown: str = "") -> str:
         ) from None
 
 
+def dropped_mark(value: object) -> object:
+    """An argument without a leading byte order mark (``"$(cat notepad.txt)"``), as :func:`decode` drops it from
+    bytes; any other value as it is."""
+    return value.removeprefix("\ufeff") if isinstance(value, str) else value
+
+
 def raw_bytes(text: str) -> bytes:
     """The bytes ``text`` was decoded from, lone surrogates (bytes that were not UTF-8) back as they were."""
     try:

@@ -88,6 +88,16 @@ def test_count(env, folder, tok):
     assert result.stdout == b"2\n"
 
 
+@pytest.mark.parametrize("where", ["argument", "stdin"])
+def test_a_leading_byte_order_mark_is_dropped(env, folder, tok, where):
+    """``"$(cat notepad.txt)"`` starts with U+FEFF, which was tokenized as three byte pieces."""
+    marked = "\ufeff" + TEXT
+    args, stdin = ([marked], b"") if where == "argument" else ([], marked.encode())
+    result = rinna(env, "--model", str(folder), "--json", *args, stdin=stdin)
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["ids"] == tok.encode(TEXT)
+
+
 @pytest.mark.parametrize("args", [[], ["-"]], ids=["no-arg", "dash"])
 def test_text_from_stdin_drops_the_trailing_newline(env, folder, tok, args):
     result = rinna(env, "--model", str(folder), "--json", *args, stdin=f"{TEXT}\n".encode())
