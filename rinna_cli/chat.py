@@ -100,7 +100,8 @@ def list_sessions(env: Environment, limit: int = 20) -> int:
         first = escape_controls(info.first.split("\n", 1)[0])
         first = _clip(first, 40)
         piped = "  (piped)" if not info.interactive else ""
-        env.stdout.write(f"{number:>3}  {info.id}  {when}  {info.turns:>3} turns  {first}{piped}\n")
+        turns = f"{info.turns:>3} {'turn ' if info.turns == 1 else 'turns'}"
+        env.stdout.write(f"{number:>3}  {info.id}  {when}  {turns}  {first}{piped}\n")
     if len(listed) > limit:
         env.errors().print(f"… and {len(listed) - limit} older, in {folder}", markup=False, highlight=False)
     return 0
@@ -170,7 +171,7 @@ def chat(
             notice(f"model restored: {settings.model}")
         session.replace(loaded)
         copied = log.records
-        notice(f"continuing {len(loaded.turns)} turns from {resumed or load}")
+        notice(f"continuing {len(loaded.turns)} turn{'' if len(loaded.turns) == 1 else 's'} from {resumed or load}")
         if given is not None:
             session.adopt(loaded.settings, keep=given)
         if env.stdin_isatty and view.console is not None:  # never into a redirected stdout
