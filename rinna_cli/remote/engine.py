@@ -156,6 +156,10 @@ TEXT_ONLY = (
 )
 
 
+BUSY = (429, 503)  # a server whose queue is full (rinna serve, vLLM behind a proxy)
+BUSY_WAIT_S = 120.0  # how long a request is asked again while the server is busy (backing off 0.25 s to 4 s)
+
+
 class RemoteEngine:
     """Generates on an OpenAI-compatible server; prompt and reply stay token ids (see :mod:`rinna_cli.remote`)."""
 
@@ -171,8 +175,10 @@ class RemoteEngine:
         api_key_env: str = "RINNA_API_KEY",
         timeout: float = DEFAULT_TIMEOUT,
         warn: Callable[[str], None] | None = None,
+        busy_wait_s: float = BUSY_WAIT_S,
     ):
         self.http = Transport(endpoint, api_key, api_key_env, timeout)
+        self.busy_wait_s = busy_wait_s
         self.endpoint = self.http.endpoint
         self.tokenizer = tokenizer
         self.name = name
@@ -266,8 +272,15 @@ class RemoteEngine:
         if self.served_model is None:
             self.check()
         outcome: Reply | Mode = MODES[self.mode or "ids"]
+        waited, pause = 0.0, 0.25
         while isinstance(outcome, Mode):  # the next way to ask, while the server's way is not known yet
-            outcome = self._attempt(prompt_ids, sampling, on_step, stop, outcome)
+            try:
+                outcome = self._attempt(prompt_ids, sampling, on_step, stop, outcome)
+            except EndpointError as err:  # a full queue (429, 503) is asked again, as openai's client does
+                if err.status not in BUSY or waited + pause > self.busy_wait_s:
+                    raise
+                stop.wait(pause)  # Ctrl-C: the next attempt answers "interrupted" at once
+                waited, pause = waited + pause, min(2 * pause, 4.0)
         return outcome
 
     def _attempt(

@@ -186,7 +186,7 @@ class Transport:
                 status,
             )
         if status in (429, 503):
-            return self.fail(f"the server is busy (HTTP {status}{said}); try again shortly", status)
+            return self.fail(f"the server is busy (HTTP {status}{said})", status)
         if 400 <= status < 500:
             return self.fail(f"the server rejected the request (HTTP {status}{said})", status)
         if status >= 500:
