@@ -78,7 +78,7 @@ def test_every_unsupported_field_is_refused_by_name(requests, field):
     [
         ({"prompt": "x", "max_tokens": 5000}, "max_tokens = 5000 is out of range; allowed: 1 <= max_tokens < 2048", "max_tokens"),
         ({"prompt": [5] * 2000, "max_tokens": 100}, "the prompt is 2000 tokens; with max_tokens = 100 at most 1948 fit in the model's 2048-token window", "max_tokens"),
-        ({"prompt": [5] * 2048}, "the prompt is 2048 tokens; with max_tokens = 1 at most 2047 fit in the model's 2048-token window", "prompt"),
+        ({"prompt": [5] * 2048}, "the prompt is 2048 tokens; at most 2047 fit in the model's 2048-token window, leaving one for the reply", "prompt"),  # no max_tokens sent: none named
         ({"prompt": "x", "max_tokens": 0}, "max_tokens = 0 is out of range; allowed: max_tokens >= 1", "max_tokens"),
         ({"prompt": "x", "temperature": "hot"}, 'temperature must be a number, not string "hot"', "temperature"),
         ({"prompt": "x", "top_p": 0}, "top_p = 0 is out of range; allowed: 0.0 < top_p <= 1.0 (1 = off)", "top_p"),
