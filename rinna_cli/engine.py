@@ -49,7 +49,8 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return next(d for d in ("cuda", "mps", "cpu") if available[d])
     if not available.get(name, False):
-        raise UsageError(f"--device {name}: not available on this machine (use auto or cpu)")
+        # the setting may come from RINNA_DEVICE or config.toml: named as a setting, the flag as the way out
+        raise UsageError(f"device {name} is not available on this machine (use --device auto or cpu)")
     return name
 
 

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 from rinna_cli import engine as engine_module  # noqa: E402
 from rinna_cli.contract import Sampling, Step  # noqa: E402
 from rinna_cli.engine import Engine, resolve_device, resolve_dtype  # noqa: E402
+from rinna_cli.errors import UsageError  # noqa: E402
 from rinna_cli.errors import ModelError  # noqa: E402
 from rinna_cli.prompt import decode_newlines, encode_newlines  # noqa: E402
 from rinna_cli.session import Conversation  # noqa: E402
@@ -367,6 +368,9 @@ def test_resolve_dtype_and_device():
     assert resolve_dtype("float32", "cpu") == torch.float32
     assert resolve_device("cpu") == "cpu"
     assert resolve_device("auto") in ("cpu", "cuda", "mps")
+    if not torch.cuda.is_available():  # RINNA_DEVICE=cuda was told as "--device cuda", a flag never given
+        with pytest.raises(UsageError, match=r"^device cuda is not available on this machine \(use --device auto or cpu\)$"):
+            resolve_device("cuda")
 
 
 @pytest.mark.parametrize("dtype, expected", [("auto", "int8"), ("float32", "float32"), ("bfloat16", "bfloat16")])
