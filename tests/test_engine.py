@@ -15,10 +15,7 @@ torch = pytest.importorskip("torch")
 from rinna_cli import engine as engine_module  # noqa: E402
 from rinna_cli.contract import Sampling, Step  # noqa: E402
 from rinna_cli.engine import Engine, resolve_device, resolve_dtype  # noqa: E402
-from rinna_cli.errors import (
-    ModelError,  # noqa: E402
-    UsageError,  # noqa: E402
-)
+from rinna_cli.errors import ModelError, UsageError  # noqa: E402
 from rinna_cli.prompt import decode_newlines, encode_newlines  # noqa: E402
 from rinna_cli.session import Conversation  # noqa: E402
 from rinna_cli.tokenizer import Tokenizer  # noqa: E402
