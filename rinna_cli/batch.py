@@ -388,7 +388,7 @@ def batch(env: Environment, settings: config.Settings, source: str | None, outpu
 
     stop = threading.Event()
     try:
-        if env.stderr_isatty:
+        if env.stderr_isatty and not (output is None and env.stdout_isatty):  # rows on the terminal show progress
             with _Bar(env, skipped) as bar, sigint_sets(stop):
                 result = run(items, engine, out, parallel, bar, stop)
         else:

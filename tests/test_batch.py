@@ -330,6 +330,25 @@ def test_progress_bar_on_a_terminal(memorized_model, tmp_path):
     assert [row.get("reply") for row in _rows(out.read_text(encoding="utf-8"))] == [SIGHT_A, MOUNT_A, None]
 
 
+def test_rows_on_the_terminal_show_no_bar_among_them(memorized_model, tmp_path):
+    """With stdout the terminal too, the bar's line was drawn into the rows (``batch ━━ 0/? …   {"id": 1, …``)."""
+    pexpect = pytest.importorskip("pexpect")
+    source = tmp_path / "in.txt"
+    source.write_text(f"{SIGHT_Q}\n{MOUNT_Q}\n", encoding="utf-8")
+    command = [arg for arg in _job(source, tmp_path / "unused.jsonl", memorized_model, tokens=64)]
+    at = command.index("-o")
+    del command[at : at + 2]  # rows to the terminal
+    child = prewarmed.spawn(
+        command[0], command[1:], env=_job_env(tmp_path), encoding="utf-8", timeout=120, dimensions=(24, 120)
+    )
+    child.expect(pexpect.EOF)
+    child.close()
+    shown = child.before.replace("\r\n", "\n")
+    assert child.exitstatus == 0
+    rows = [json.loads(line[line.index('{"id"') :]) for line in shown.splitlines() if '{"id"' in line]
+    assert [row["reply"] for row in rows] == [SIGHT_A, MOUNT_A] and "tokens/s" not in shown  # the loading spinner ends
+
+
 def test_rinna_batch_command(memorized_model, tmp_path, run_cli):
     """The command (in this process, int8 by default): FILE, -o OUT, --parallel, ask's options; exit 1 when a line failed."""
     source = tmp_path / "in.txt"
