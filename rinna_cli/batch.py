@@ -18,6 +18,7 @@ output in input order as soon as all earlier ones are done
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 import queue
 import sys
@@ -116,7 +117,9 @@ def parse_line(text: str, line: int, tokenizer: Tokenizer, defaults: Sampling, w
                 item_id = data["id"]
             unknown = sorted(set(data) - FIELDS)
             if unknown:
-                raise UsageError(f"unknown field {unknown[0]!r}; known: {', '.join(sorted(FIELDS))}")
+                close = difflib.get_close_matches(unknown[0], sorted(FIELDS), n=1, cutoff=0.7)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise UsageError(f"unknown field {unknown[0]!r}{hint}; known: {', '.join(sorted(FIELDS))}")
             if ("prompt" in data) == ("messages" in data):
                 raise UsageError("give either prompt or messages")
             if "prompt" in data:

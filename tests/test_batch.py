@@ -81,9 +81,11 @@ def test_json_lines_give_id_prompt_history_and_options(tokenizer):
         (_line(id="a"), "give either prompt or messages"),
         (
             _line(prompt="x", temprature=1),
-            "unknown field 'temprature'; known: id, max_new_tokens, messages, prompt, "
+            "unknown field 'temprature' (did you mean 'temperature'?); known: id, max_new_tokens, messages, prompt, "
             "repetition_penalty, seed, temperature, top_k, top_p",
         ),
+        (_line(prompt="x", max_tokens=8), "unknown field 'max_tokens' (did you mean 'max_new_tokens'?); known: "),
+        (_line(prompt="x", meta={"a": 1}), "unknown field 'meta'; known: "),
         (
             _line(prompt="x", temperature=9),
             "temperature = 9 is out of range; allowed: 0.0 <= temperature <= 5.0 (0 = greedy)",
