@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from rinna_cli import config, inputs
+from rinna_cli import config, hub, inputs
 from rinna_cli.batch_output import Item, OutFile, OutStream, error_row, key as _key, made_from, reply_row
 from rinna_cli.contract import Engine, Sampling, check_fits
 from rinna_cli.environment import Environment, model_files
@@ -372,11 +372,13 @@ def batch(env: Environment, settings: config.Settings, source: str | None, outpu
     items = read_items(_read_source(env, source), tokenizer, defaults, window, what)
     out: OutFile | OutStream
     if output is not None:
-        items = [replace(item, made_from=made_from(item, settings.model)) if not item.error else item for item in items]
+        model = hub.canonical(settings.model)  # -m sft and its hub id are one model
+        items = [replace(item, made_from=made_from(item, model)) if not item.error else item for item in items]
         out = OutFile(output)
         stale = out.drop_stale(items)
         if stale:
-            env.warn(f"{stale} rows of {output} were made from other prompts or options: they are made again")
+            rows = "1 row of {} was" if stale == 1 else f"{stale} rows of {{}} were"
+            env.warn(f"{rows.format(output)} made from another prompt or other options: made again now")
     else:
         out = OutStream(env.stdout)
     skipped = sum(1 for item in items if not item.error and _key(item.id) in out.done)

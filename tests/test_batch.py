@@ -395,13 +395,13 @@ def test_a_rerun_with_other_prompts_or_options_under_the_same_ids_makes_those_ro
     source.write_text(f"{NAME_Q}\n{SIGHT_Q}\n", encoding="utf-8")  # line 1 another question
     done = run_cli("batch", str(source), *flags, stdin=None)
     assert done.code == 0 and done.stderr == (
-        f"rinna: warning: 1 rows of {out} were made from other prompts or options: they are made again\n"
+        f"rinna: warning: 1 row of {out} was made from another prompt or other options: made again now\n"
     )
     again = _rows(out.read_text(encoding="utf-8"))
     assert [row["id"] for row in again] == [1, 2] and again[1] == first[1]  # line 2 kept as it was
     assert again[0]["reply"] != MOUNT_A and again[0]["input"] != first[0]["input"]
     done = run_cli("batch", str(source), *flags[:-1], "3", stdin=None)  # -n 3: both made again
-    assert done.stderr.startswith("rinna: warning: 2 rows of") and all(
+    assert done.stderr == f"rinna: warning: 2 rows of {out} were made from another prompt or other options: made again now\n" and all(
         row["completion_tokens"] == 3 for row in _rows(out.read_text(encoding="utf-8"))
     )
     done = run_cli("batch", str(source), *flags[:-1], "3", stdin=None)  # the same again: nothing made
