@@ -55,6 +55,11 @@ class Chat:
         self.last: Reply | None = None
         self.exit_code = 0
 
+    def _keep_start_in_reach(self) -> None:
+        """After turns were removed, the prompt starts no later than the last user turn (the next reply fits anew)."""
+        users = [i for i, turn in enumerate(self.conversation.turns) if turn.speaker == USER]
+        self.start = min(self.start, users[-1] if users else 0)
+
     def error(self, message: str, exit_code: int = 1) -> None:
         """Show an error; the first one sets :attr:`exit_code`."""
         self.exit_code = self.exit_code or exit_code
@@ -69,7 +74,7 @@ class Chat:
         except UnicodeEncodeError:  # bytes the terminal sent that are not UTF-8 (surrogate escapes)
             self.error("the input is not valid UTF-8 (is the terminal set to UTF-8?); nothing was sent", 2)
             return True
-        parsed = commands.parse(line)
+        parsed = commands.parse(line.strip())  # as ask trims its question: "  質問" is asked as "質問", " /undo" runs
         if isinstance(parsed, commands.Invalid):
             self.error(parsed.hint, 2)
         elif isinstance(parsed, commands.Command):
@@ -101,20 +106,15 @@ class Chat:
         if self.log and count:
             self.log.append({"type": "undo", "count": count})
 
-    def _keep_start_in_reach(self) -> None:
-        """After turns were removed, the prompt starts no later than the last user turn (``fit`` moves it on)."""
-        users = [i for i, turn in enumerate(self.conversation.turns) if turn.speaker == USER]
-        self.start = min(self.start, users[-1] if users else 0)
-
     def reply(self, new_message: bool = True) -> None:
         """Generate the reply to the conversation as it stands, streaming it.
 
         ``new_message``: the last turn is a message just typed, withdrawn again
         if it cannot fit the window (a ``/retry`` keeps the turn it answers).
         """
-        self._keep_start_in_reach()
-        try:
-            start = self.conversation.fit(self.engine.window, self.settings.max_new_tokens, self.start)
+        reserved = self.settings.max_new_tokens
+        try:  # from the first turn each time: turns left out come back when they fit again (a smaller -n, /undo)
+            start = self.conversation.fit(self.engine.window, reserved, 0)
         except UsageError as err:
             if new_message:
                 self.conversation.turns.pop()
@@ -123,13 +123,14 @@ class Chat:
             else:
                 self.error(str(err), err.exit_code)
             return
-        if start > self.start:
-            if self.start == 0:  # told once: in a long chat every exchange leaves out another
-                self.notice(
-                    f"context full: the {start} oldest turns are left out of the prompt from now on, more as the "
-                    "chat goes on (they stay in /history and in saved files)"
-                )
-            self.start = start
+        if start and not self.start:  # told once: in a long chat every exchange leaves out another
+            self.notice(
+                f"context full: the {start} oldest turns are left out of the prompt, which leaves {reserved} tokens "
+                "for the reply (max_new_tokens); more as the chat goes on (they stay in /history and in saved files)"
+            )
+        elif start < self.start:
+            self.notice(f"{self.start - start} turns left out before are back in the prompt")
+        self.start = start
         stop = threading.Event()
         streamed: list[str] = []
 

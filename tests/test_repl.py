@@ -456,6 +456,20 @@ def test_undo_and_retry_after_a_drop_still_send_a_user_turn(tokenizer):
     assert h.engine.prompt_text().startswith("ユーザー: ")
 
 
+def test_turns_left_out_for_a_long_reply_come_back_when_they_fit_again(tokenizer):
+    """A /set max_new_tokens 2030 once left 太郎 out for good: asked his name later, the model answered 花子."""
+    h = small_window_harness(tokenizer)
+    h.send("私の名前は太郎です。")
+    h.send("/set max_new_tokens 40")
+    h.send("吾輩は何ですか?")
+    assert h.chat.start == 2 and h.engine.prompt_text().startswith("ユーザー: 吾輩は")
+    h.send("/set max_new_tokens 1")
+    h.notices.clear()
+    h.send("名前は?")
+    assert h.chat.start == 0 and h.engine.prompt_text().startswith("ユーザー: 私の名前は太郎です。")
+    assert h.notices[0] == "2 turns left out before are back in the prompt"
+
+
 def test_oldest_exchanges_are_left_out_with_one_notice(tokenizer):
     h = small_window_harness(tokenizer)
     room = 64 - 16
@@ -471,8 +485,8 @@ def test_oldest_exchanges_are_left_out_with_one_notice(tokenizer):
             drops += 1
         if h.chat.start > before and before == 0:  # the first drop is told, with how many turns are left out
             assert h.notices == [
-                f"context full: the {h.chat.start} oldest turns are left out of the prompt from now on, more as the "
-                "chat goes on (they stay in /history and in saved files)"
+                f"context full: the {h.chat.start} oldest turns are left out of the prompt, which leaves 16 tokens "
+                "for the reply (max_new_tokens); more as the chat goes on (they stay in /history and in saved files)"
             ]
         else:  # later drops are not: a long chat would be told at every exchange
             assert h.notices == []
@@ -773,3 +787,14 @@ def test_history_indents_the_continuation_lines_of_a_turn(h):
     h.notices.clear()
     h.send("/history")
     assert h.notices[0] == "ユーザー: 一行目\n          二行目"
+
+
+def test_surrounding_spaces_are_trimmed_as_ask_trims_them(tokenizer):
+    """"  世界で一番高い山は?" went to the model with its spaces (another prompt than ask's: a wrong answer); " /history"
+    was sent as a message."""
+    h = Harness(tokenizer, ["エベレストです。"])
+    h.send("  世界で一番高い山は?  ")
+    assert h.engine.prompt_text() == "ユーザー: 世界で一番高い山は?<NL>システム: "
+    h.notices.clear()
+    h.send(" /history")
+    assert len(h.engine.prompts) == 1 and h.notices and h.notices[0].startswith("ユーザー")
