@@ -142,6 +142,7 @@ def run_terminal(chat: Chat, history_file: Path | None, env: Environment) -> int
         history=history,
         key_bindings=bindings,
         enable_open_in_editor=False,
+        enable_suspend=True,  # Ctrl-Z suspends, as in bash; it put a literal ^Z into the message
         output=output,
         completer=WordCompleter(commands.names(), sentence=True),
         complete_while_typing=False,

@@ -26,6 +26,7 @@ pexpect = pytest.importorskip("pexpect")
 from rinna_cli import store  # noqa: E402
 from rinna_cli.prompt import SYSTEM, USER  # noqa: E402
 from tests import prewarmed  # noqa: E402
+from tests.fixtures.memorized_data import SIGHTSEEING_A, SIGHTSEEING_Q  # noqa: E402
 from tests.helpers import process_env  # noqa: E402
 
 TIMEOUT = 60
@@ -251,3 +252,29 @@ def test_two_terminal_chats_kept_apart(chats, memorized_model, endless_model):
         assert line in entries
     assert "abc" not in entries
     assert (home / "history").stat().st_mode & 0o777 == 0o600
+
+
+def test_ctrl_z_suspends_the_chat_and_fg_brings_it_back(memorized_model, tmp_path):
+    """Ctrl-Z put a literal ^Z into the message (and ``fg`` after it), where bash, ollama and llm suspend."""
+    environ = process_env(tmp_path / "hf", tmp_path, OMP_NUM_THREADS="1", TERM="xterm-256color",
+                          PROMPT_TOOLKIT_NO_CPR="1", RINNA_QUANTIZE="none", PS1="SHELL> ")  # fmt: skip
+    shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=environ, cwd=str(tmp_path),
+                          dimensions=(30, 120), encoding="utf-8", timeout=TIMEOUT)  # fmt: skip
+    try:
+        shell.expect_exact("SHELL> ")
+        shell.sendline(f"{sys.executable} -m rinna_cli chat --model {memorized_model} -t 0")
+        shell.expect_exact(f"{USER}: ")
+        shell.sendcontrol("z")
+        shell.expect("Stopped")  # the shell's job control took it
+        shell.expect_exact("SHELL> ")
+        shell.sendline("fg")
+        question = SIGHTSEEING_Q
+        shell.sendline(question)
+        shell.expect_exact(SIGHTSEEING_A.splitlines()[0])
+        shell.expect_exact(f"{USER}: ")
+        shell.sendcontrol("d")
+        shell.expect_exact("SHELL> ")
+    finally:
+        shell.close(force=True)
+    log = session_log(tmp_path, memorized_model).read_text(encoding="utf-8")
+    assert "\\u001a" not in log and "\x1a" not in log and question in log
