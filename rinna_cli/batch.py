@@ -1,4 +1,4 @@
-"""``rinna batch``: a file of prompts through the model, one JSON line out per line in.
+"""``rinna batch``: a file of prompts through the model, one JSON line out per line in (blank lines skipped).
 
 Each input line is a prompt, or a JSON object ``{"id": …, "prompt": "…"}`` or
 ``{"id": …, "messages": [{"role": "user"|"assistant", "content": "…"}, …]}``
@@ -146,7 +146,7 @@ def parse_line(text: str, line: int, tokenizer: Tokenizer, defaults: Sampling, w
 def read_items(
     data: bytes, tokenizer: Tokenizer, defaults: Sampling, window: int, what: str = "standard input"
 ) -> list[Item]:
-    """Every line of ``data`` as an item; a repeated id is an error on its later lines.
+    """Every line of ``data`` but blank ones as an item; a repeated id is an error on its later lines.
 
     Ids default to line numbers, so a given integer id can repeat another line's number. A leading UTF-8 byte order
     mark (Notepad's, Excel's) is dropped; input in another encoding throughout (UTF-16, Shift_JIS: no line that is
@@ -168,6 +168,8 @@ def read_items(
             text = raw.removesuffix(b"\r").decode("utf-8")
         except UnicodeDecodeError as err:
             items.append(Item(number, number, error=f"not UTF-8 (byte 0x{raw[err.start]:02x} at offset {err.start})"))
+            continue
+        if not text.strip():  # a blank line (an editor's last one, a separator) is no prompt: no row, no failure
             continue
         item = parse_line(text, number, tokenizer, defaults, window)
         key = _key(item.id)

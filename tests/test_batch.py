@@ -107,6 +107,12 @@ def test_bad_lines_become_errors(tokenizer, text, error):
     assert item.prompt_ids is None and item.error.startswith(error), item.error
 
 
+def test_blank_lines_are_no_prompts_and_no_failures(tokenizer):
+    """An editor's last blank line made a row {"error": "empty prompt"} and exit 1; piped chat skips them too."""
+    items = batch.read_items(f"{SIGHT_Q}\n\n  \r\n{MOUNT_Q}\n\n".encode(), tokenizer, DEFAULTS, 2048)
+    assert [(i.line, i.id, i.error) for i in items] == [(1, 1, None), (4, 4, None)]
+
+
 def test_read_items_numbers_lines_and_refuses_repeats(tokenizer):
     data = f"{SIGHT_Q}\r\n{_line(id='m', prompt=MOUNT_Q)}\n".encode() + b"\xff\n"
     data += f"{_line(id='m', prompt='x')}\n{MOUNT_Q}\n".encode()
@@ -146,7 +152,6 @@ EXPECTED = [
     {"id": "mount", "reply": MOUNT_A, "finish_reason": "stop", "prompt_tokens": 9, "completion_tokens": 21},
     {"id": "taro", "reply": TARO_A, "finish_reason": "stop", "prompt_tokens": 38, "completion_tokens": 8},
     {"id": 4, "line": 4, "error": "invalid JSON (Expecting ',' delimiter: line 1 column 16 (char 15))"},
-    {"id": 5, "line": 5, "error": "empty prompt"},
     {"id": "short", "reply": MOUNT_A[:3], "finish_reason": "length", "prompt_tokens": 9, "completion_tokens": 3},
 ]
 
@@ -180,7 +185,7 @@ def test_standard_output_gets_rows_in_input_order_and_exit_1(memorized_model):
     assert batch.batch(env, _settings(memorized_model), "-", None, parallel=3) == 1
     assert _rows(env.stdout.getvalue()) == EXPECTED
     assert (
-        env.stderr.getvalue() == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
+        env.stderr.getvalue() == "rinna: warning: 1 of 5 lines failed (their rows hold the error)\n"
     )  # no progress on a pipe
 
 
@@ -203,7 +208,7 @@ def test_rerun_with_the_same_out_resumes(memorized_model, tmp_path, monkeypatch,
     out = tmp_path / "out.jsonl"
     out.write_bytes(
         (
-            json.dumps(EXPECTED[1], ensure_ascii=False) + "\n" + json.dumps(EXPECTED[4]) + "\n" + '{"id": 1, "rep'
+            json.dumps(EXPECTED[1], ensure_ascii=False) + "\n" + json.dumps(EXPECTED[3]) + "\n" + '{"id": 1, "rep'
         ).encode()
     )
     counted = []
@@ -317,7 +322,7 @@ def test_an_interrupted_job_keeps_finished_rows_and_resumes(tiny_model, tmp_path
 def test_progress_bar_on_a_terminal(memorized_model, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     source = tmp_path / "in.txt"
-    source.write_text(f"{SIGHT_Q}\n{MOUNT_Q}\n\n", encoding="utf-8")
+    source.write_text(f"{SIGHT_Q}\n{MOUNT_Q}\n{{\"id\"\n", encoding="utf-8")
     out = tmp_path / "out.jsonl"
     command = _job(source, out, memorized_model, tokens=64)
     child = prewarmed.spawn(
@@ -359,7 +364,7 @@ def test_rinna_batch_command(memorized_model, tmp_path, run_cli):
     done = run_cli("batch", str(source), "-o", str(out), "--parallel", "3", "--model", str(memorized_model), "-t", "0",
                    "-n", "64", stdin=None)  # fmt: skip
     assert (done.code, done.stdout) == (1, ""), done.stderr
-    assert done.stderr == "rinna: warning: 2 of 6 lines failed (their rows hold the error)\n"
+    assert done.stderr == "rinna: warning: 1 of 5 lines failed (their rows hold the error)\n"
     assert _file_rows(out) == EXPECTED
 
 
