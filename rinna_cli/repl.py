@@ -252,8 +252,11 @@ class Chat:
 def _show_text(engine: Engine, settings: Settings, used: int) -> str:
     """``/show``: the model, where it runs, the settings and how much of the window the prompt uses."""
     options = ", ".join(f"{k}={v}" for k, v in asdict(settings.sampling()).items())
+    plan = getattr(engine, "kernels", "")  # a quantized model's: the activation dtype is named there
     return (
-        f"model: {engine.name}\ndevice: {placement(engine)}\nsettings: {options}\n"
+        f"model: {engine.name}\ndevice: {placement(engine)}\n"
+        + (f"kernels: {plan}\n" if plan else "")
+        + f"settings: {options}\n"
         f"context used: {used} / {engine.window} tokens (+ up to {settings.max_new_tokens} for the reply)"
     )
 

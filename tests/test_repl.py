@@ -309,7 +309,10 @@ def test_show(h):
     h.send("私の名前は太郎です。", "/show")
     used = len(h.chat.conversation.prompt_ids())
     assert used > empty
-    assert f"context used: {used} / 2048" in h.last_notice()
+    assert f"context used: {used} / 2048" in h.last_notice() and "kernels:" not in text
+    h.chat.engine.kernels = "int8 decode int8dot, batch int8dot, prefill int8dot; float32, attention attend"
+    h.send("/show")  # /help promises the dtype: a quantized model's activations are named with its kernels
+    assert "\nkernels: int8 decode int8dot, batch int8dot, prefill int8dot; float32, attention attend\n" in h.last_notice()
 
 
 def test_stats_before_and_after_a_reply(h):
