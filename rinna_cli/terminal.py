@@ -31,6 +31,15 @@ def _history(path: Path, warn: Callable[[str], None]):
     class History(FileHistory):
         failed = False
 
+        def append_string(self, string: str) -> None:
+            """Only what could be sent again: not a blank line, nor one refused as not UTF-8 (it was stored as ???)."""
+            try:
+                string.encode("utf-8")
+            except UnicodeEncodeError:
+                return
+            if string.strip():
+                super().append_string(string)
+
         def store_string(self, string: str) -> None:
             entry = f"\n# {datetime.datetime.now()}\n" + "".join(f"+{line}\n" for line in string.split("\n"))
             try:

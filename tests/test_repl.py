@@ -708,6 +708,15 @@ def test_history_file_entries_are_read_back(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o600
 
 
+def test_history_keeps_no_blank_lines_nor_lines_refused_as_not_utf8(tmp_path):
+    """Up-arrow brought back "   " and a refused Shift_JIS line stored as "abc???def"."""
+    path = tmp_path / "history"
+    history = terminal._history(path, pytest.fail)
+    for line in ["   ", "abc\udc82\udca0def", "質問です", ""]:
+        history.append_string(line)
+    assert list(terminal._history(path, pytest.fail).load_history_strings()) == ["質問です"]
+
+
 # -- the terminal loop, in process (prompt_toolkit reading a pipe) ------------------------------
 
 
