@@ -157,6 +157,10 @@ class Chat:
             )
             return
         interrupted = reply.finish_reason == "interrupted"
+        if interrupted and not reply.ids and not reply.text:  # stopped before its first token: no empty answer kept
+            self.view.end("interrupted", gap=True)
+            self.notice("stopped before the first token: the message is kept without a reply: /retry sends it again")
+            return
         # Saved before the reply's last newline is shown: a reply seen complete is on disk.
         self._record(self.conversation.add_reply(reply.text, reply.ids, interrupted=interrupted))
         self.view.end("interrupted" if interrupted else None, gap=True)

@@ -543,6 +543,18 @@ def test_retry_that_no_longer_fits_keeps_the_message(tokenizer):
 
 
 @pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals need the main thread")
+def test_ctrl_c_before_the_first_token_keeps_no_empty_reply(h):
+    """``システム:  [interrupted]`` was stored: the model was shown an empty answer to the message."""
+    h.engine.replies = ["一二三"]
+    h.engine.interrupt_at = 0
+    h.send("数えて")
+    assert h.turns() == [(USER, "数えて")]
+    assert h.last_notice() == "stopped before the first token: the message is kept without a reply: /retry sends it again"
+    h.engine.interrupt_at = None
+    h.send("/retry")
+    assert h.turns()[-1] == (SYSTEM, "はい。") and h.engine.prompt_text() == "ユーザー: 数えて<NL>システム: "
+
+
 def test_ctrl_c_keeps_the_partial_reply_marked_interrupted(h, tmp_path):
     h.engine.replies = ["一二三四五六七八九"]
     h.engine.interrupt_at = 2
