@@ -78,9 +78,14 @@ class Plan:
     busy: float = 0.0  # the share of its threads' time spent waiting for a core while measuring (other processes)
 
     @property
+    def crowded(self) -> bool:
+        """Measured while other processes took the cores (:data:`BUSY_LIMIT`): its ranking is not to be trusted."""
+        return self.busy > BUSY_LIMIT
+
+    @property
     def settled(self) -> bool:
         """Worth saving: every phase measured, on cores other processes left alone (else measured again next start)."""
-        return self.whole and self.busy <= BUSY_LIMIT
+        return self.whole and not self.crowded
 
     def describe(self) -> str:
         """One line for ``--stats`` and ``--json``, e.g.
@@ -89,7 +94,7 @@ class Plan:
             f"{kind} decode {decode}, batch {batch}, prefill {prefill}"
             for kind, (decode, batch, prefill) in self.kernels.items()
         ]
-        busy = " (measured while other programs ran: again at the next start)" if self.busy > BUSY_LIMIT else ""
+        busy = " (measured while other programs ran: again at the next start)" if self.crowded else ""
         return "; ".join(parts) + f"; {self.activation}, attention {self.attention}{busy}"
 
     def to_json(self) -> str:

@@ -232,17 +232,15 @@ class Requests:
                     raise ApiError(400, message, param=field) from None
             given[key] = value
         sampling = replace(self.defaults, **given)
-        if "max_new_tokens" not in given and prompt_tokens >= self.window:  # not a limit the client sent
-            raise ApiError(
-                400,
-                f"the prompt is {prompt_tokens} tokens; at most {self.window - 1} fit in the model's {self.window}-token "
-                "window, leaving one for the reply",
-                param="prompt",
-            )
         if "max_new_tokens" not in given:  # the default shrinks to what the window leaves
-            sampling = replace(
-                sampling, max_new_tokens=max(1, min(sampling.max_new_tokens, self.window - prompt_tokens))
-            )
+            if prompt_tokens >= self.window:  # told without a limit the client never sent
+                raise ApiError(
+                    400,
+                    f"the prompt is {prompt_tokens} tokens; at most {self.window - 1} fit in the model's "
+                    f"{self.window}-token window, leaving one for the reply",
+                    param="prompt",
+                )
+            sampling = replace(sampling, max_new_tokens=min(sampling.max_new_tokens, self.window - prompt_tokens))
         try:
             check_fits(prompt_tokens, sampling.max_new_tokens, self.window, limit_name)
         except UsageError as err:
